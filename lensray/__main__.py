@@ -1,0 +1,3 @@
+from lensray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""Errors that the CLI turns into a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+
+class LensrayInputError(ValueError):
+    """Bad user input: a config, CSV, dataset, model id or storage path.
+
+    The message must be one line and name the offending field, row or column.
+    The CLI prints ``error: <message>`` and exits with code 2, without a traceback.
+    """
+
+    exit_code = 2
+
+
+class ProbeDivergedError(RuntimeError):
+    """A probe's loss became NaN or infinite."""
+
+    def __init__(self, message: str, step: int | None = None, learning_rate: float | None = None):
+        super().__init__(message)
+        self.step = step
+        self.learning_rate = learning_rate
