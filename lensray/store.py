@@ -1,0 +1,333 @@
+"""Results store of a screening run, on a local folder or an ``s3://`` / ``gs://`` URI (pyarrow.fs).
+
+Layout under the root::
+
+    probes/<candidate key>/<n_samples>.json   one probe result, written atomically
+    probes.parquet                            every probe result (rewritten on demand)
+    config.yaml, selection.json, report.md, curves.png
+
+A probe file is written to a hidden temporary name and then moved into place, so a crash while
+writing never leaves a partial file under the final name; files that are partial anyway (a
+truncated upload, a disk error) are skipped with a warning when read. Candidate keys are a slug
+plus a hash of the id, so no candidate id (``../../x``, ``/etc/passwd``) can place a file outside
+the root. Every text written passes through :func:`redact`, which removes the values of secret
+environment variables (defence in depth: configs hold no secrets in the first place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import uuid
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from lensray.errors import LensrayInputError
+
+log = logging.getLogger(__name__)
+
+PROBES_DIR = "probes"
+TEMP_MARK = ".tmp-"
+SECRET_ENV_NAMES = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HUGGINGFACE_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+    "AZURE_STORAGE_KEY",
+    "WANDB_API_KEY",
+    "RAY_AUTH_TOKEN",
+)
+_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
+_MIN_SECRET_LEN = 6
+REDACTED = "***"
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of environment variables that look like secrets, longest first."""
+    env = os.environ if environ is None else environ
+    values = {
+        value
+        for name, value in env.items()
+        if (name in SECRET_ENV_NAMES or _SECRET_NAME.search(name)) and len(value) >= _MIN_SECRET_LEN
+    }
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
+    """``text`` with every secret environment value replaced by ``***``."""
+    for value in secret_values(environ):
+        text = text.replace(value, REDACTED)
+    return text
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts secret values from records (attach it to handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redact(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        return True
+
+
+def candidate_key(candidate_id: str) -> str:
+    """A file-name-safe key for a candidate: slug of the id plus 10 hex digits of its SHA-256.
+
+    The key holds only ``[A-Za-z0-9._-]``, never starts with a dot and is never ``..``, so it
+    stays one path component inside the store; the hash keeps distinct ids distinct.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", candidate_id).strip("._-")[:48] or "candidate"
+    digest = hashlib.sha256(candidate_id.encode("utf-8")).hexdigest()[:10]
+    return f"{slug}-{digest}"
+
+
+def _check_name(name: str) -> str:
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"output name must be a relative path inside the store: {name!r}")
+    return "/".join(parts)
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars/arrays and other objects → JSON types (used as ``json.dumps(default=...)``)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    """JSON text (NaN/inf written as null) of ``obj``, redacted; ``indent=None`` for one line."""
+    separators = (",", ":") if indent is None else None
+    text = json.dumps(_nan_to_none(obj), default=_jsonable, indent=indent, separators=separators, allow_nan=False)
+    return redact(text)
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _nan_to_none(obj.tolist())
+    return obj
+
+
+class ProbeStore:
+    """Probe results and outputs of one screening run.
+
+    Parameters
+    ----------
+    uri
+        Local folder (created if missing) or a URI that ``pyarrow.fs.FileSystem.from_uri`` opens.
+    check
+        Verify up front that the location is writable (write, read back and delete a sentinel).
+
+    Raises
+    ------
+    LensrayInputError
+        ``storage.path: ...`` when the location cannot be opened or written (read-only, full,
+        a file in the way, no credentials).
+    """
+
+    def __init__(self, uri: str, check: bool = True):
+        self.uri = str(uri)
+        self.fs, self.root = self._open(self.uri)
+        if check:
+            self.check_writable()
+
+    @staticmethod
+    def _open(uri: str) -> tuple[pafs.FileSystem, str]:
+        try:
+            if "://" in uri:
+                fs, root = pafs.FileSystem.from_uri(uri)
+                return fs, root.rstrip("/")
+            return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise LensrayInputError(f"storage.path: cannot open {uri}: {_one_line(exc)}") from None
+
+    def path(self, name: str) -> str:
+        """Full filesystem path of ``name`` (relative, inside the store)."""
+        return f"{self.root}/{_check_name(name)}"
+
+    def check_writable(self) -> None:
+        """Create the root and write, read back and delete a sentinel file."""
+        sentinel = self.path(f".lensray-write-check{TEMP_MARK}{uuid.uuid4().hex}")
+        payload = uuid.uuid4().bytes * 64
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+            with self.fs.open_output_stream(sentinel) as out:
+                out.write(payload)
+            with self.fs.open_input_stream(sentinel) as inp:
+                back = inp.read()
+            self.fs.delete_file(sentinel)
+        except (OSError, pa.ArrowException) as exc:
+            raise LensrayInputError(f"storage.path: {self.uri} is not writable: {_one_line(exc)}") from None
+        if back != payload:
+            raise LensrayInputError(f"storage.path: {self.uri} returned different bytes than were written")
+
+    # ---- generic files -------------------------------------------------------------------------
+
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        parent, _, base = path.rpartition("/")
+        tmp = f"{parent}/.{base}{TEMP_MARK}{uuid.uuid4().hex}"
+        self.fs.create_dir(parent, recursive=True)
+        try:
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, path)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except (OSError, pa.ArrowException):
+                pass
+            raise
+
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Write ``data`` atomically to ``name``; returns the full path."""
+        path = self.path(name)
+        self._write_atomic(path, data)
+        return path
+
+    def write_text(self, name: str, text: str) -> str:
+        """Write redacted ``text`` atomically to ``name``; returns the full path."""
+        return self.write_bytes(name, redact(text).encode("utf-8"))
+
+    def write_json(self, name: str, obj: Any) -> str:
+        """Write ``obj`` as redacted JSON (NaN → null) atomically to ``name``; returns the full path."""
+        return self.write_bytes(name, dumps(obj).encode("utf-8"))
+
+    def read_text(self, name: str) -> str | None:
+        """Text of ``name``, or None when it does not exist."""
+        try:
+            with self.fs.open_input_stream(self.path(name)) as inp:
+                return inp.read().decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` exists in the store."""
+        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+
+    # ---- probe results -------------------------------------------------------------------------
+
+    def put(self, candidate_id: str, result: Mapping[str, Any]) -> str:
+        """Persist one probe result (must hold ``n_samples``) atomically; returns its path.
+
+        The stored record is ``result`` with ``candidate`` set to ``candidate_id``.
+        """
+        n = result.get("n_samples")
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise ValueError(f"probe result of {candidate_id!r} needs an integer n_samples, got {n!r}")
+        record = {"candidate": candidate_id, **result, "n_samples": int(n)}
+        record["candidate"] = candidate_id
+        path = f"{self.root}/{PROBES_DIR}/{candidate_key(candidate_id)}/{int(n)}.json"
+        self._write_atomic(path, dumps(record).encode("utf-8"))
+        return path
+
+    def completed(self, candidate_id: str) -> dict[int, dict]:
+        """Stored results of one candidate, by ``n_samples`` (partial or corrupt files skipped)."""
+        folder = f"{self.root}/{PROBES_DIR}/{candidate_key(candidate_id)}"
+        return {r["n_samples"]: r for r in self._read_folder(folder) if r.get("candidate") == candidate_id}
+
+    def get_all(self) -> list[dict]:
+        """Every stored probe result, sorted by candidate and ``n_samples``."""
+        folder = f"{self.root}/{PROBES_DIR}"
+        records: list[dict] = []
+        if self.fs.get_file_info(folder).type == pafs.FileType.Directory:
+            for info in self.fs.get_file_info(pafs.FileSelector(folder)):
+                if info.type == pafs.FileType.Directory:
+                    records.extend(self._read_folder(info.path))
+        return sorted(records, key=lambda r: (str(r.get("candidate")), r["n_samples"]))
+
+    def _read_folder(self, folder: str) -> list[dict]:
+        if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
+            return []
+        out = []
+        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
+            if info.type != pafs.FileType.File or info.base_name.startswith(".") or TEMP_MARK in info.base_name:
+                continue
+            if not info.base_name.endswith(".json"):
+                continue
+            record = self._read_record(info.path)
+            if record is not None:
+                out.append(record)
+        return out
+
+    def _read_record(self, path: str) -> dict | None:
+        try:
+            with self.fs.open_input_stream(path) as inp:
+                record = json.loads(inp.read().decode("utf-8"))
+        except (OSError, pa.ArrowException, UnicodeDecodeError, ValueError) as exc:
+            log.warning("ignoring unreadable probe result %s: %s", path, _one_line(exc))
+            return None
+        stem = path.rpartition("/")[2].removesuffix(".json")
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("candidate"), str)
+            or not isinstance(record.get("n_samples"), int)
+            or str(record["n_samples"]) != stem
+        ):
+            log.warning("ignoring malformed probe result %s", path)
+            return None
+        return record
+
+    def write_parquet(self, records: Iterable[Mapping[str, Any]] | None = None, name: str = "probes.parquet") -> str:
+        """Write probe results (default: every stored one) as a Parquet table; returns its path.
+
+        Nested values (dicts, lists) become JSON text columns; strings are redacted.
+        """
+        rows = list(self.get_all() if records is None else records)
+        table = _to_table(rows)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return self.write_bytes(name, sink.getvalue().to_pybytes())
+
+
+def _to_table(rows: list[Mapping[str, Any]]) -> pa.Table:
+    columns: dict[str, list[Any]] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(str(key), [])
+    for row in rows:
+        for key, values in columns.items():
+            values.append(_cell(row.get(key)))
+    arrays = {}
+    for key, values in columns.items():
+        try:
+            arrays[key] = pa.array(values)
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            arrays[key] = pa.array([None if v is None else redact(str(v)) for v in values], type=pa.string())
+    return pa.table(arrays) if arrays else pa.table({"candidate": pa.array([], type=pa.string())})
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, (Mapping, list, tuple, np.ndarray)):
+        return dumps(value, indent=None)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
