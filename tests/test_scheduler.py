@@ -1,0 +1,148 @@
+"""The pruning rule on hand-made forecasts, and the STOP-only scheduler inside a small Tune run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lensray.scheduler import CurvePruner, Forecast, Stop, forecast_from_result, prune_decision
+from ray.tune.schedulers import TrialScheduler
+
+
+def fc(cid: str, lo: float, hi: float, points: int = 3, loss: float | None = None, n: int = 800) -> Forecast:
+    return Forecast(cid, n, points, (lo + hi) / 2 if loss is None else loss, lo, hi)
+
+
+def test_stops_when_optimistic_worse_than_best_pessimistic():
+    reason = prune_decision(fc("bad", 2.1, 2.5), [fc("good", 1.5, 1.9)], top_k=1)
+    assert reason is not None and "good" in reason and "2.1" in reason
+
+
+def test_overlapping_intervals_continue():
+    assert prune_decision(fc("b", 1.8, 2.5), [fc("a", 1.5, 1.9)]) is None
+
+
+def test_equal_bounds_continue():
+    # strictly worse is needed: touching intervals keep the candidate
+    assert prune_decision(fc("b", 1.9, 2.5), [fc("a", 1.5, 1.9)]) is None
+
+
+def test_grace_protects_young_candidates():
+    assert prune_decision(fc("bad", 3.0, 3.5, points=2), [fc("good", 1.0, 1.2)], grace_points=3) is None
+    assert prune_decision(fc("bad", 3.0, 3.5, points=3), [fc("good", 1.0, 1.2)], grace_points=3) is not None
+
+
+def test_rivals_need_the_grace_too():
+    young = fc("young", 1.0, 1.1, points=1)
+    assert prune_decision(fc("bad", 3.0, 3.5), [young]) is None
+
+
+def test_top_k_uses_kth_best_pessimistic():
+    others = [fc("a", 1.0, 1.2), fc("b", 1.1, 1.4), fc("c", 1.5, 2.6)]
+    own = fc("x", 1.5, 2.0)
+    assert prune_decision(own, others, top_k=2) is not None  # 1.5 > 1.4 (2nd best upper end)
+    assert prune_decision(own, others, top_k=3) is None  # 1.5 <= 2.6
+    assert prune_decision(own, others[:1], top_k=2) is None  # fewer rivals than k
+
+
+def test_own_entry_among_others_is_ignored():
+    own = fc("x", 2.0, 2.1)
+    assert prune_decision(own, [own, fc("x", 1.0, 1.1)]) is None
+
+
+def test_missing_interval_falls_back_to_point_prediction():
+    own = Forecast("x", 800, 3, 2.0, math.nan, math.nan)
+    assert prune_decision(own, [Forecast("a", 800, 3, 1.5, math.nan, math.nan)]) is not None
+    unfitted = Forecast("x", 800, 3, math.nan, math.nan, math.nan)
+    assert prune_decision(unfitted, [fc("a", 1.0, 1.1)]) is None
+    assert prune_decision(fc("x", 2.0, 2.2), [unfitted]) is None
+
+
+def test_bad_parameters_raise():
+    with pytest.raises(ValueError):
+        prune_decision(fc("x", 1, 2), [], top_k=0)
+
+
+def _result(cid: str, lo: float, hi: float, points: int = 3, **extra) -> dict:
+    return {"candidate": cid, "n_samples": 800, "points": points, "predicted_loss": (lo + hi) / 2,
+            "pred_lo": lo, "pred_hi": hi, **extra}
+
+
+def test_scheduler_keeps_latest_forecast_and_records_reason():
+    stops: list[Stop] = []
+    sched = CurvePruner(top_k=1, grace_points=3, on_stop=stops.append)
+    assert sched.on_trial_result(None, None, _result("a", 1.0, 1.2)) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, None, _result("b", 1.5, 1.9)) == TrialScheduler.STOP
+    assert [s.candidate for s in stops] == ["b"] and sched.stopped["b"].n_samples == 800
+    # a's later, worse forecast replaces the earlier one: c survives against it
+    sched.on_trial_result(None, None, _result("a", 1.6, 2.4, points=4))
+    assert sched.on_trial_result(None, None, _result("c", 1.7, 1.8)) == TrialScheduler.CONTINUE
+    assert sched.forecasts["a"].points == 4
+
+
+def test_failed_candidate_is_no_rival():
+    sched = CurvePruner()
+    sched.on_trial_result(None, None, _result("a", 1.0, 1.2))
+    sched.on_trial_result(None, None, {"candidate": "a", "failed": True})
+    assert sched.on_trial_result(None, None, _result("b", 1.5, 1.9)) == TrialScheduler.CONTINUE
+
+
+def test_known_forecasts_from_a_previous_run_count():
+    sched = CurvePruner(known=[fc("done", 1.0, 1.1, points=8)])
+    assert sched.on_trial_result(None, None, _result("b", 1.5, 1.9)) == TrialScheduler.STOP
+
+
+def test_scheduler_never_pauses():
+    sched = CurvePruner()
+    actions = {sched.on_trial_result(None, None, _result(str(i), 1 + i / 10, 1.05 + i / 10)) for i in range(20)}
+    assert actions <= {TrialScheduler.CONTINUE, TrialScheduler.STOP}
+
+
+def test_forecast_from_result_ignores_other_results():
+    assert forecast_from_result({"loss": 1.0}) is None
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import sys
+
+    import ray
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield tmp_path_factory.mktemp("tune")
+    ray.shutdown()
+
+
+def _curve_trainable(config: dict) -> None:
+    """Report a hand-made forecast per probe: intervals narrow around the candidate's final loss."""
+    from ray import tune
+
+    final = config["final"]
+    for points, n in enumerate([200, 400, 800, 1600, 3200, 6400], start=1):
+        width = 2.0 / points
+        tune.report({"candidate": config["candidate"], "n_samples": n, "points": points,
+                     "predicted_loss": final, "pred_lo": final - width, "pred_hi": final + width})
+
+
+@pytest.mark.slow
+def test_tune_run_stops_only_the_hopeless(ray_local):
+    from ray import tune
+
+    finals = {"best": 1.0, "close": 1.1, "bad": 3.0, "worse": 4.0}
+    sched = CurvePruner(top_k=1, grace_points=3)
+    # each trial needs its final loss: pass it through the config
+    tuner = tune.Tuner(
+        _curve_trainable,
+        param_space={"candidate": tune.grid_search(list(finals)),
+                     "final": tune.sample_from(lambda spec: finals[spec.config.candidate])},
+        tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=2),
+        run_config=tune.RunConfig(storage_path=str(ray_local), verbose=0),
+    )
+    results = tuner.fit()
+    last = {r.metrics["candidate"]: r.metrics["n_samples"] for r in results}
+    assert last["best"] == 6400 and last["close"] == 6400
+    assert set(sched.stopped) == {"bad", "worse"}
+    assert all(last[c] < 6400 for c in ("bad", "worse"))
