@@ -246,7 +246,7 @@ class ProbeStore:
     def completed(self, candidate_id: str) -> dict[int, dict]:
         """Stored results of one candidate, by ``n_samples`` (partial or corrupt files skipped)."""
         folder = f"{self.root}/{PROBES_DIR}/{candidate_key(candidate_id)}"
-        return {r["n_samples"]: r for r in self._read_folder(folder) if r.get("candidate") == candidate_id}
+        return {r["n_samples"]: r for r in self._read_folder(folder) if r["candidate"] == candidate_id}
 
     def get_all(self) -> list[dict]:
         """Every stored probe result, sorted by candidate and ``n_samples``."""
@@ -280,11 +280,13 @@ class ProbeStore:
             log.warning("ignoring unreadable probe result %s: %s", path, _one_line(exc))
             return None
         stem = path.rpartition("/")[2].removesuffix(".json")
+        folder = path.rpartition("/")[0].rpartition("/")[2]
         if (
             not isinstance(record, dict)
             or not isinstance(record.get("candidate"), str)
             or not isinstance(record.get("n_samples"), int)
             or str(record["n_samples"]) != stem
+            or candidate_key(record["candidate"]) != folder
         ):
             log.warning("ignoring malformed probe result %s", path)
             return None
