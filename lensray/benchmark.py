@@ -54,7 +54,8 @@ def run_benchmark(
     list of dict
         One row per (method, ratio), method-major: ``method``, ``ratio``, ``max_samples``,
         ``pearson``, ``relacc``, ``spearman`` (x100), ``coverage90`` (0..1), ``top1``,
-        ``regret``, ``n_failed``, ``selected`` (model id or None), ``fit_seconds``.
+        ``regret``, ``n_failed``, ``selected`` (model id or None), ``failed`` (ids of the
+        models the method could not score; the others are still ranked), ``fit_seconds``.
         Metrics that are undefined are NaN.
 
     Raises
@@ -75,7 +76,7 @@ def run_benchmark(
             if list(prediction.ids) != curves.ids:
                 raise RuntimeError(f"selector '{selector.name}' returned rows in a different order than its input")
             m = evaluate(prediction, truth)
-            sel = m.pop("selected")
+            sel = m["selected"]
             rows.append(
                 {
                     "method": selector.name,
@@ -83,6 +84,7 @@ def run_benchmark(
                     "max_samples": target // ratio,
                     **{k: m[k] for k in ("pearson", "relacc", "spearman", "coverage90", "top1", "regret", "n_failed")},
                     "selected": None if sel is None else curves.ids[sel],
+                    "failed": [curves.ids[i] for i in m["failed"]],
                     "fit_seconds": seconds,
                 }
             )
@@ -173,6 +175,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {sum(r['n_failed'] for r in mine)} | {sum(r['fit_seconds'] for r in mine):.3f} |"
         )
     lines.append("")
+    failed = [f"- {r['method']} at 1/{r['ratio']}: {', '.join(r['failed'])}" for r in rows if r.get("failed")]
+    if failed:
+        lines += ["## Candidates not scored (excluded from the correlations, never selected)", "", *failed, ""]
     return "\n".join(lines)
 
 

@@ -102,7 +102,8 @@ def evaluate(prediction: ScoredPrediction, truth: np.ndarray) -> dict[str, Any]:
     -------
     dict
         ``pearson``, ``spearman``, ``relacc`` (x100), ``top1`` (bool), ``regret``,
-        ``coverage90`` (0..1), ``selected`` (row index or None), ``n_failed``.
+        ``coverage90`` (0..1), ``selected`` (row index or None), ``n_failed`` and
+        ``failed`` (row indices of the candidates the method could not score).
     """
     truth = np.asarray(truth, dtype=np.float64)
     scored = _scored(prediction)
@@ -117,6 +118,7 @@ def evaluate(prediction: ScoredPrediction, truth: np.ndarray) -> dict[str, Any]:
         "coverage90": coverage(prediction.lo, prediction.hi, truth),
         "selected": sel,
         "n_failed": int(np.count_nonzero(~scored)),
+        "failed": [int(i) for i in np.flatnonzero(~scored)],
     }
 
 

@@ -192,9 +192,11 @@ def test_run_benchmark_with_selector_objects_and_failed_rows(tiny_csv):
     rows = run_benchmark(curves, [2, 4], [FailsFirstRow(), SubTuning()], target=12800)
     assert [(r["method"], r["ratio"]) for r in rows] == [("flaky", 2), ("flaky", 4), ("subtuning", 2), ("subtuning", 4)]
     flaky, sub = rows[0], rows[2]
-    assert flaky["n_failed"] == 1 and sub["n_failed"] == 0
+    assert flaky["n_failed"] == 1 and flaky["failed"] == ["m0"] and sub["n_failed"] == 0 and sub["failed"] == []
     assert flaky["selected"] != "m0" and flaky["max_samples"] == 6400
     assert np.isfinite(flaky["pearson"]) and np.isfinite(flaky["relacc"])
+    md = benchmark.render_markdown({"dataset": "tiny", "target": 12800, "rows": rows})
+    assert "- flaky at 1/2: m0" in md and "- subtuning" not in md
 
 
 def test_truly_best_pick_scores_100(tiny_csv):

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lensray.cli import main
 from lensray.curves import Curves, load_curves_csv
@@ -159,3 +161,30 @@ def test_budget_too_small_through_cli(tmp_path, capsys):
 def test_target_column_absent_through_cli(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "--curves", str(write(tmp_path, GOOD)), "--target", "3200", "--ratios", "2")
     assert_one_line_error(rc, err, "--target 3200: no column '3200'")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    n=st.integers(1, 6),
+    m=st.integers(3, 8),
+    zero=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_written_tables_load_back_exactly(tmp_path_factory, n, m, zero, seed):
+    rng = np.random.default_rng(seed)
+    D = 100 * np.cumsum(rng.integers(1, 5, size=m))
+    D = np.r_[0, D] if zero else D
+    L = rng.uniform(0.01, 30, size=(n, D.size))
+    size = np.where(rng.random(n) < 0.3, np.nan, rng.integers(1, 10**10, size=n).astype(float))
+    ids = [f"org/model-{i}" for i in range(n)]
+    lines = ["config name," + ",".join(str(int(d)) for d in D) + ",size,family"]
+    for i in range(n):
+        s = "" if np.isnan(size[i]) else f"{size[i]:.0f}"
+        lines.append(f"{ids[i]}," + ",".join(repr(float(x)) for x in L[i]) + f",{s},f{i}")
+    path = tmp_path_factory.mktemp("rt") / "t.csv"
+    path.write_text("\n".join(lines) + "\n")
+    c = load_curves_csv(path)
+    assert c.ids == ids and c.family == [f"f{i}" for i in range(n)]
+    np.testing.assert_array_equal(c.D, D)
+    np.testing.assert_array_equal(c.L, L)
+    np.testing.assert_array_equal(c.size, size)

@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats
 
 from lensray.metrics import coverage, evaluate, pearson, regret, relacc, selected_index, spearman, top1_hit
@@ -118,3 +120,21 @@ def test_evaluate_when_everything_failed():
 def test_ok_row_with_non_finite_score_counts_as_failed():
     m = evaluate(fake([NAN, 1.0, 2.0], ranks=[1, 2, 3]), np.array([1.0, 2.0, 3.0]))
     assert m["n_failed"] == 1 and m["selected"] == 1
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    values=st.lists(
+        st.tuples(st.floats(0.5, 10, allow_nan=False), st.floats(0.5, 10, allow_nan=False)), min_size=3, max_size=12
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_metrics_invariant_to_row_order(values, seed):
+    score, truth = (np.array(v) for v in zip(*values))
+    perm = np.random.default_rng(seed).permutation(len(score))
+    ranks = stats.rankdata(score, method="ordinal")
+    a = evaluate(fake(score, ranks), truth)
+    b = evaluate(fake(score[perm], ranks[perm]), truth[perm])
+    for key in ("pearson", "spearman", "relacc", "regret"):
+        assert a[key] == pytest.approx(b[key], nan_ok=True, abs=1e-9)
+    assert perm[b["selected"]] == a["selected"]
