@@ -1,0 +1,317 @@
+"""Outputs of a screening run: ``selection.json``, ``report.md`` and ``curves.png``.
+
+The driver hands over the final ranking (the ``selection.json`` dict), every probe result and,
+optionally, the fitted curve of each candidate; this module only renders them, through the
+:class:`~lensray.store.ProbeStore` (so every text is redacted and every write atomic).
+
+``selection.json``::
+
+    {"selected": id | null,
+     "ranking": [{"candidate", "status": "finished|pruned|failed", "predicted_loss", "interval": [lo, hi],
+                  "pruned_at", "params", "flops", "error", ...}],        # optional "reason" for pruned rows
+     "compute": {"flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds"}}
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from lensray.store import ProbeStore
+
+RANKING_KEYS = ("candidate", "status", "predicted_loss", "interval", "pruned_at", "params", "flops", "error")
+COMPUTE_KEYS = ("flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds")
+STATUSES = ("finished", "pruned", "failed")
+MAX_LEGEND = 12
+
+Fitted = Mapping[str, tuple[Sequence[float], Sequence[float]]]
+
+
+def check_selection(selection: Mapping[str, Any]) -> None:
+    """Raise ValueError naming the first key missing from a ``selection.json`` dict."""
+    for key in ("selected", "ranking", "compute"):
+        if key not in selection:
+            raise ValueError(f"selection: missing key {key!r}")
+    for i, row in enumerate(selection["ranking"]):
+        missing = [k for k in RANKING_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"selection.ranking[{i}]: missing key(s) {missing}")
+        if row["status"] not in STATUSES:
+            raise ValueError(f"selection.ranking[{i}].status: {row['status']!r} is not one of {STATUSES}")
+    missing = [k for k in COMPUTE_KEYS if k not in selection["compute"]]
+    if missing:
+        raise ValueError(f"selection.compute: missing key(s) {missing}")
+
+
+def write_report(
+    store: ProbeStore,
+    selection: Mapping[str, Any],
+    probes: Sequence[Mapping[str, Any]],
+    target_samples: int,
+    fitted: Fitted | None = None,
+    title: str = "lensray screening",
+) -> dict[str, str]:
+    """Write ``selection.json``, ``report.md`` and ``curves.png`` into ``store``.
+
+    Parameters
+    ----------
+    store
+        Output store.
+    selection
+        The ``selection.json`` dict (see the module docstring); checked with :func:`check_selection`.
+    probes
+        Probe records (``candidate``, ``n_samples``, ``test_loss``, ``status`` ...), e.g. ``store.get_all()``.
+    target_samples
+        D*, marked on the plot.
+    fitted
+        Optional ``{candidate: (D, loss)}`` curves drawn as the fits; candidates without one get a
+        rectified-law fit of their observed points for display.
+    title
+        First heading of the report.
+
+    Returns
+    -------
+    dict
+        ``{"selection.json": path, "report.md": path, "curves.png": path}``.
+    """
+    check_selection(selection)
+    return {
+        "selection.json": store.write_json("selection.json", selection),
+        "report.md": store.write_text("report.md", render_markdown(selection, probes, target_samples, title)),
+        "curves.png": store.write_bytes("curves.png", plot_curves(selection, probes, target_samples, fitted)),
+    }
+
+
+# ---- markdown ----------------------------------------------------------------------------------
+
+
+def _num(value: Any, fmt: str = ".4f") -> str:
+    if value is None or isinstance(value, float) and not math.isfinite(value):
+        return "–"
+    return format(value, fmt)
+
+
+def _flops(value: Any) -> str:
+    return "–" if value is None or not math.isfinite(float(value)) else f"{float(value):.3g}"
+
+
+def _params(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return _count(value)
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_num(v, '.3g') if isinstance(v, (int, float)) else v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_num(v, ".3g") if isinstance(v, (int, float)) else str(v) for v in value) + "]"
+    return str(value)
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _cell(text: Any) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _seconds(value: Any) -> str:
+    if value is None:
+        return "–"
+    value = float(value)
+    return f"{value:.1f} s" if value < 120 else f"{value:.0f} s ({value / 3600:.2f} h)"
+
+
+def render_markdown(
+    selection: Mapping[str, Any], probes: Sequence[Mapping[str, Any]], target_samples: int, title: str
+) -> str:
+    """The text of ``report.md``."""
+    ranking = list(selection["ranking"])
+    compute = selection["compute"]
+    by_cand = _losses(probes)
+    lines = [f"# {_cell(title)}", ""]
+    best = next((r for r in ranking if r["candidate"] == selection["selected"]), None)
+    if best is None:
+        lines += ["**No candidate selected**: every candidate failed.", ""]
+    else:
+        lo, hi = (list(best.get("interval") or []) + [None, None])[:2]
+        lines += [
+            f"**Selected: `{_cell(best['candidate'])}`**, predicted test loss after fine-tuning on "
+            f"D* = {target_samples:,} samples: {_num(best['predicted_loss'])} "
+            f"(interval {_num(lo)} – {_num(hi)}).",
+            "",
+        ]
+    counts = {s: sum(r["status"] == s for r in ranking) for s in STATUSES}
+    lines += [f"{len(ranking)} candidates: {counts['finished']} finished, {counts['pruned']} pruned, "
+              f"{counts['failed']} failed.", ""]
+
+    lines += ["## Ranking", "",
+              "| rank | candidate | status | predicted loss at D* | interval | probes | largest D | "
+              "pruned at | params | FLOPs |",
+              "|---:|---|---|---:|---|---:|---:|---:|---|---:|"]
+    for i, row in enumerate(ranking, 1):
+        lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
+        seen = by_cand.get(row["candidate"], {})
+        lines.append(
+            f"| {i} | `{_cell(row['candidate'])}` | {row['status']} | {_num(row['predicted_loss'])} | "
+            f"{_num(lo)} – {_num(hi)} | {len(seen)} | {max(seen) if seen else '–'} | "
+            f"{row['pruned_at'] if row['pruned_at'] is not None else '–'} | {_cell(_params(row['params']))} | "
+            f"{_flops(row['flops'])} |"
+        )
+    lines.append("")
+
+    saved = compute.get("saved_fraction")
+    lines += ["## Compute bill", "",
+              "| | |", "|---|---:|",
+              f"| FLOPs spent on probes | {_flops(compute.get('flops_spent'))} |",
+              f"| FLOPs of full fine-tuning of every candidate on D* | {_flops(compute.get('flops_full_tuning'))} |",
+              f"| saved | {'–' if saved is None else f'{100 * float(saved):.2f} %'} |",
+              f"| GPU time | {_seconds(compute.get('gpu_seconds'))} |",
+              f"| wall time | {_seconds(compute.get('wall_seconds'))} |", ""]
+
+    pruned = [r for r in ranking if r["status"] == "pruned"]
+    if pruned:
+        lines += ["## Why candidates were stopped", ""]
+        for row in pruned:
+            reason = row.get("reason") or row.get("error") or "no reason recorded by the scheduler"
+            lines.append(f"- `{_cell(row['candidate'])}` stopped after D = {row['pruned_at']}: {_cell(reason)}")
+        lines.append("")
+    failed = [r for r in ranking if r["status"] == "failed"]
+    if failed:
+        lines += ["## Failed candidates", ""]
+        for row in failed:
+            lines.append(f"- `{_cell(row['candidate'])}`: {_cell(row.get('error') or 'unknown error')}")
+        lines.append("")
+
+    sizes = sorted({d for losses in by_cand.values() for d in losses})
+    if sizes:
+        lines += ["## Observed test loss", "", "| candidate | " + " | ".join(f"D={d}" for d in sizes) + " |",
+                  "|---|" + "---:|" * len(sizes)]
+        for row in ranking:
+            seen = by_cand.get(row["candidate"], {})
+            lines.append(f"| `{_cell(row['candidate'])}` | " + " | ".join(_num(seen.get(d)) for d in sizes) + " |")
+        lines.append("")
+    lines += ["![fitted curves](curves.png)", ""]
+    return "\n".join(lines)
+
+
+def _losses(probes: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
+    """candidate -> {n_samples: test_loss} of the successful probes."""
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    for rec in probes:
+        loss = rec.get("test_loss")
+        if rec.get("status", "ok") != "ok" or loss is None or not math.isfinite(float(loss)):
+            continue
+        out[str(rec["candidate"])][int(rec["n_samples"])] = float(loss)
+    return dict(out)
+
+
+# ---- plot --------------------------------------------------------------------------------------
+
+
+def _display_fits(losses: dict[str, dict[int, float]], grid: np.ndarray) -> dict[str, np.ndarray]:
+    """Rectified-law fits of each candidate's observed points (display only), on ``grid``."""
+    from lensray.laws import RectifiedLaw
+
+    ids = [c for c, seen in losses.items() if sum(d > 0 for d in seen) >= 3]
+    if not ids:
+        return {}
+    D = np.array(sorted({d for c in ids for d in losses[c]}), dtype=float)
+    L = np.array([[losses[c].get(int(d), np.nan) for d in D] for c in ids])
+    try:
+        pred = RectifiedLaw().fit(D, L).predict(grid)
+    except (ValueError, ArithmeticError):  # a display fit must never lose the report of a finished run
+        return {}
+    return {c: pred[i] for i, c in enumerate(ids) if np.all(np.isfinite(pred[i]))}
+
+
+def _colours(n: int) -> list:
+    import matplotlib
+
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        return [matplotlib.colormaps["tab20"](i) for i in range(n)]
+    return [matplotlib.colormaps["viridis"](x) for x in np.linspace(0, 0.95, n)]
+
+
+def plot_curves(
+    selection: Mapping[str, Any],
+    probes: Sequence[Mapping[str, Any]],
+    target_samples: int,
+    fitted: Fitted | None = None,
+) -> bytes:
+    """PNG bytes: observed points, fitted curves, the interval at D* and a D* marker, one colour per candidate.
+
+    The x axis is logarithmic; the zero-shot point (D = 0) is drawn left of a separator at D = start/4.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ranking = list(selection["ranking"])
+    losses = _losses(probes)
+    positive = sorted(d for seen in losses.values() for d in seen if d > 0)
+    start = positive[0] if positive else max(1, target_samples // 1000)
+    x_zero = start / 4  # where D = 0 (zero-shot) is drawn on the log axis
+    grid = np.geomspace(start / 2, target_samples, 200)
+    fits = {c: np.asarray(y, dtype=float) for c, (_, y) in (fitted or {}).items()}
+    grids = {c: np.asarray(x, dtype=float) for c, (x, _) in (fitted or {}).items()}
+    missing = {c: s for c, s in losses.items() if c not in fits}
+    for c, y in _display_fits(missing, grid).items():
+        fits[c], grids[c] = y, grid
+
+    fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
+    colours = _colours(len(ranking))
+    for i, (row, colour) in enumerate(zip(ranking, colours)):
+        cand = row["candidate"]
+        label = f"{cand} ({row['status']})" if i < MAX_LEGEND else None
+        seen = losses.get(cand, {})
+        if seen:
+            ds = sorted(seen)
+            ax.plot([d if d > 0 else x_zero for d in ds], [seen[d] for d in ds], "o", color=colour, ms=4, label=label)
+            label = None
+        if cand in fits:
+            keep = grids[cand] > 0
+            style = "-" if row["status"] == "finished" else ":"
+            ax.plot(grids[cand][keep], fits[cand][keep], style, color=colour,
+                    lw=1.6 if cand == selection["selected"] else 0.9, label=label)
+            label = None
+        pred = row.get("predicted_loss")
+        if pred is not None and math.isfinite(float(pred)):
+            lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
+            yerr = None
+            if lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi)):
+                yerr = [[max(float(pred) - float(lo), 0.0)], [max(float(hi) - float(pred), 0.0)]]
+            x = target_samples * (1 + 0.04 * ((i % 7) - 3))  # spread overlapping intervals a little
+            ax.errorbar([x], [float(pred)], yerr=yerr, fmt="s", color=colour, ms=5, capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.axvline(target_samples, color="black", ls="--", lw=0.8)
+    ax.axvline(start / 2.8, color="grey", lw=0.6)
+    ax.annotate(f"D* = {target_samples:,}  ", (target_samples * 1.08, 0.98), xycoords=("data", "axes fraction"),
+                ha="left", va="top", fontsize=8, rotation=90)
+    ticks = [x_zero] + [t for t in 10.0 ** np.arange(0, 12) if start / 2 <= t <= target_samples * 1.5]
+    ax.set_xticks(ticks, ["0"] + [f"{t:,.0f}" for t in ticks[1:]])
+    ax.set_xlabel("fine-tuning samples D (log scale; the leftmost point is the zero-shot loss, D = 0)")
+    ax.set_ylabel("test loss")
+    selected = selection.get("selected")
+    ax.set_title(f"observed losses, fitted curves and predictions at D*; selected: {selected}" if selected
+                 else "observed losses and fitted curves")
+    ax.grid(True, which="major", alpha=0.25)
+    if ax.get_legend_handles_labels()[0]:
+        note = f"\n(first {MAX_LEGEND} of {len(ranking)})" if len(ranking) > MAX_LEGEND else ""
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=f"candidates, ranked{note}",
+                  title_fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
