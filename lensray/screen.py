@@ -1,0 +1,643 @@
+"""Screening on Ray: one Tune trial per candidate, probes in Ray Train workers (or replayed), the
+:class:`~lensray.scheduler.CurvePruner` stops losers, the driver fits, ranks and writes the report.
+
+Data flow. For every candidate a Tune function trainable runs its probes in increasing size
+(``0, 200, 400, ... <= grid.max_samples``). Each probe result is written to the
+:class:`~lensray.store.ProbeStore` the moment it exists, before it is reported; then the
+candidate's curve so far is fitted with the configured predictor and the trial reports
+``n_samples``, the observed loss, the fitted parameters and the predicted loss at D* with its
+interval. The scheduler may STOP the trial after any report; the decision is persisted too.
+
+Backends:
+
+- ``train``: the trainable launches one ``TorchTrainer`` per candidate (Ray Train V2) whose
+  workers load the candidate once and loop over its remaining probe sizes, so the worker
+  group is started once per candidate, not once per probe; rank 0 persists each result and
+  ``TuneReportCallback`` forwards each report to Tune. Stopping the trial kills the trial's
+  actor, which owns the Train controller and its workers.
+- ``replay``: probes read a recorded curves table instead of fine-tuning and charge
+  ``6 * size * tokens_per_sample * D`` FLOPs (size = the table's parameter count).
+
+Resume: the store is the source of truth. Stored probes are never run again; candidates whose
+probes are all stored, or that were pruned, start no trial; a partly done candidate continues
+from its next size. Tune keeps its own state under ``<out>/tune`` but is never restored.
+
+Failures: a candidate that cannot be loaded, or whose probe diverges or fails after the probe
+engine's own retries, ends as ``failed`` with the reason; the others go on. Workers killed
+mid-probe are restarted by Ray Train (``FailureConfig(max_failures=...)``) and by Tune for the
+trainable; earlier probes are read from the store, not repeated. A ``failed`` decision is not
+final: ``--resume`` tries the candidate again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+import numpy as np
+
+from lensray.config import CandidateConfig, ScreenConfig
+from lensray.curves import Curves
+from lensray.errors import LensrayInputError
+from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop
+from lensray.store import ProbeStore, candidate_key, dumps
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["train", "replay"]
+DECISIONS_DIR = "decisions"
+TRAIN_MAX_FAILURES = 2
+"""Worker-group restarts Ray Train allows per candidate (a killed worker, a lost node)."""
+TUNE_MAX_FAILURES = 1
+"""Restarts Tune allows a trial whose trainable itself crashed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# plan: what the store already holds
+
+
+@dataclass
+class CandidatePlan:
+    """One candidate's state at start: stored probes, decision, sizes still to probe."""
+
+    candidate: CandidateConfig
+    done: dict[int, dict] = field(default_factory=dict)
+    decision: Optional[dict] = None
+    todo: list[int] = field(default_factory=list)
+
+    @property
+    def needs_trial(self) -> bool:
+        """Whether a trial must run: sizes remain and no pruning decision was taken."""
+        return bool(self.todo) and not (self.decision and self.decision.get("status") == "pruned")
+
+
+def decision_name(candidate_id: str) -> str:
+    """Store name of a candidate's pruned/failed decision."""
+    return f"{DECISIONS_DIR}/{candidate_key(candidate_id)}.json"
+
+
+def read_decision(store: ProbeStore, candidate_id: str) -> Optional[dict]:
+    """The stored pruned/failed decision of a candidate, if any."""
+    import json
+
+    text = store.read_text(decision_name(candidate_id))
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        log.warning("ignoring unreadable decision of %s", candidate_id)
+        return None
+    return record if isinstance(record, dict) and record.get("candidate") == candidate_id else None
+
+
+def write_decision(store: ProbeStore, candidate_id: str, status: str, n_samples: Optional[int], reason: str) -> None:
+    """Persist a candidate's pruned/failed decision (atomic)."""
+    store.write_json(
+        decision_name(candidate_id),
+        {"candidate": candidate_id, "status": status, "n_samples": n_samples, "reason": reason, "time": time.time()},
+    )
+
+
+def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int]) -> list[CandidatePlan]:
+    """Read the store: what each candidate has done and what remains."""
+    plans = []
+    for cand in config.zoo:
+        done = {n: r for n, r in store.completed(cand.id).items() if r.get("status", "ok") == "ok"}
+        decision = read_decision(store, cand.id)
+        if decision and decision.get("status") == "failed":
+            decision = None  # failures are retried on resume
+        todo = [d for d in grid if d not in done]
+        plans.append(CandidatePlan(cand, done, decision, todo))
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------
+# fitting one candidate's curve (in the trainable) and all of them (in the driver)
+
+
+def _selector(method: str, level: float) -> Any:
+    from lensray.selection import get_selector
+
+    try:
+        return get_selector(method, level=level)
+    except TypeError:
+        return get_selector(method)
+
+
+def forecast(
+    method: str,
+    level: float,
+    candidate: str,
+    grid: list[int],
+    losses: Mapping[int, float],
+    target: int,
+    size: float | None = None,
+    family: str | None = None,
+) -> dict[str, Any]:
+    """Fit one candidate's observed points and predict its loss at ``target``.
+
+    Returns the report keys ``points``, ``predicted_loss``, ``pred_lo``, ``pred_hi`` and
+    ``params`` (NaN / None when the curve cannot be fitted yet).
+    """
+    points = sum(1 for d in losses if d > 0)
+    out: dict[str, Any] = {"points": points, "predicted_loss": math.nan, "pred_lo": math.nan, "pred_hi": math.nan,
+                           "params": None}
+    if points < 1:
+        return out
+    L = np.array([[losses.get(d, np.nan) for d in grid]], dtype=float)
+    curves = Curves([candidate], np.array(grid, dtype=float), L,
+                    np.array([np.nan if size is None else size], dtype=float), [family])
+    try:
+        pred = _selector(method, level).predict(curves, target)
+    except (LensrayInputError, ValueError, FloatingPointError, np.linalg.LinAlgError) as exc:
+        log.debug("no forecast for %s with %d points: %s", candidate, points, exc)
+        return out
+    out.update(predicted_loss=float(pred.loss[0]), pred_lo=float(pred.lo[0]), pred_hi=float(pred.hi[0]))
+    if pred.params is not None:
+        out["params"] = [float(v) for v in np.asarray(pred.params)[0].reshape(-1)]
+    return out
+
+
+def curves_from_store(ids: list[str], grid: list[int], records: list[dict], sizes: Mapping[str, float],
+                      families: Mapping[str, Optional[str]]) -> Curves:
+    """A :class:`Curves` of every candidate's stored ``ok`` probes (NaN where not probed)."""
+    col = {d: j for j, d in enumerate(grid)}
+    L = np.full((len(ids), len(grid)), np.nan)
+    row = {cid: i for i, cid in enumerate(ids)}
+    for r in records:
+        if r.get("status", "ok") == "ok" and r["candidate"] in row and r["n_samples"] in col and r.get("test_loss"):
+            L[row[r["candidate"]], col[r["n_samples"]]] = float(r["test_loss"])
+    size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
+    return Curves(ids, np.array(grid, dtype=float), L, size, [families.get(c) for c in ids])
+
+
+# ---------------------------------------------------------------------------------------------
+# trainables
+
+
+@dataclass
+class TrialContext:
+    """What every trial needs, shipped once through the object store (``tune.with_parameters``)."""
+
+    store_uri: str
+    grid: list[int]
+    target: int
+    method: str
+    level: float
+    done: dict[str, dict[int, float]]
+    candidates: dict[str, dict[str, Any]]
+    replay: Optional[dict[str, dict[int, float]]] = None
+    tokens_per_sample: float = 35.0
+    task: Optional[dict] = None
+    probe: Optional[dict] = None
+    max_failures: int = TRAIN_MAX_FAILURES
+    train_storage: Optional[str] = None
+
+
+def _report_record(ctx: TrialContext, cid: str, record: dict, losses: dict[int, float]) -> dict[str, Any]:
+    """The Tune result of one probe: its record's key figures plus the forecast so far."""
+    cand = ctx.candidates[cid]
+    fc = forecast(ctx.method, ctx.level, cid, ctx.grid, losses, ctx.target, cand.get("size"), cand.get("family"))
+    return {
+        "candidate": cid,
+        TIME_ATTR: int(record["n_samples"]),
+        "loss": float(record["test_loss"]),
+        "flops": float(record.get("flops") or 0.0),
+        "probe_seconds": float(record.get("wall_seconds") or 0.0),
+        **fc,
+    }
+
+
+def replay_trainable(config: dict, ctx: TrialContext) -> None:
+    """Tune trainable of the replay backend: probes read the recorded curve."""
+    from ray import tune
+
+    cid = config["candidate"]
+    store = ProbeStore(ctx.store_uri, check=False)
+    losses = dict(ctx.done.get(cid, {}))
+    size = ctx.candidates[cid].get("size") or math.nan
+    for d in ctx.grid:
+        if d in losses:
+            continue
+        loss = ctx.replay[cid][d]
+        tokens = ctx.tokens_per_sample * d
+        record = {"n_samples": d, "status": "ok", "test_loss": loss, "tokens": tokens,
+                  "flops": 6.0 * size * tokens, "wall_seconds": 0.0, "n_params": size,
+                  "backend": "replay", "started_at": time.time()}
+        store.put(cid, record)
+        losses[d] = loss
+        tune.report(_report_record(ctx, cid, record, losses))
+
+
+def _probe_loop(loop_config: dict) -> None:
+    """Ray Train worker loop: load the candidate once, run its remaining probes, report each."""
+    import ray.train
+
+    from lensray.data import TaskConfig
+    from lensray.probe import ProbeConfig, ProbeRunner
+
+    ctx: TrialContext = loop_config["ctx"]
+    cid: str = loop_config["candidate"]
+    rank = ray.train.get_context().get_world_rank()
+    store = ProbeStore(ctx.store_uri, check=False)
+    cand = ctx.candidates[cid]
+    # re-read the store: after a worker restart the probes finished before the crash are kept
+    losses = {n: float(r["test_loss"]) for n, r in store.completed(cid).items() if r.get("status", "ok") == "ok"}
+    runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**(ctx.probe or {})),
+                         trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"])
+    try:
+        runner.load()
+    except Exception as exc:  # noqa: BLE001 - any load failure makes the candidate failed, not the run
+        reason = f"could not load {cand['model']}: {' '.join(str(exc).split()) or type(exc).__name__}"
+        if rank == 0:
+            write_decision(store, cid, "failed", None, reason)
+        ray.train.report({"candidate": cid, "failed": True, "error": reason})
+        return
+    for d in ctx.grid:
+        if d in losses:
+            continue
+        result = runner.run(d)
+        record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time()}
+        if result.status != "ok":
+            reason = f"probe at D={d} {result.status}: {result.error}"
+            if rank == 0:
+                write_decision(store, cid, "failed", d, reason)
+            ray.train.report({"candidate": cid, "failed": True, "error": reason, TIME_ATTR: d})
+            return
+        if rank == 0:
+            store.put(cid, record)
+        losses[d] = float(result.test_loss)
+        metrics = _report_record(ctx, cid, record, losses) if rank == 0 else {}
+        ray.train.report(metrics)
+
+
+def train_trainable(config: dict, ctx: TrialContext) -> None:
+    """Tune trainable of the train backend: one TorchTrainer for all of a candidate's probes."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    cid = config["candidate"]
+    cand = ctx.candidates[cid]
+    trainer = TorchTrainer(
+        _probe_loop,
+        train_loop_config={"ctx": ctx, "candidate": cid},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cand["workers"],
+            use_gpu=cand["gpus"] > 0,
+            resources_per_worker={"CPU": cand["cpus"], **({"GPU": cand["gpus"]} if cand["gpus"] > 0 else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train-{candidate_key(cid)}",
+            storage_path=ctx.train_storage,
+            failure_config=ray.train.FailureConfig(max_failures=ctx.max_failures),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------------------------
+# live progress
+
+
+def _progress_callback(total: int, known: dict[str, str], flops_start: float, full: float, stream=None,
+                       every: float = 2.0):
+    """A Tune callback printing progress lines on stderr: running / pruned / done / failed, compute.
+
+    A line is printed when a candidate changes state, and at most every ``every`` seconds for
+    compute alone.
+    """
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self) -> None:
+            self.state: dict[str, str] = dict(known)
+            self.flops = flops_start
+            self.t0 = time.perf_counter()
+            self.last_counts: tuple = ()
+            self.last_time = -math.inf
+
+        def _line(self, force: bool = False) -> None:
+            counts = tuple(sum(1 for v in self.state.values() if v == s) for s in ("running", "pruned", "done", "failed"))
+            now = time.perf_counter()
+            if counts == self.last_counts and not force and now - self.last_time < every:
+                return
+            self.last_counts, self.last_time = counts, now
+            share = f" ({100 * self.flops / full:.2f}% of full tuning)" if full > 0 else ""
+            print(f"[{now - self.t0:7.1f}s] running {counts[0]} | pruned {counts[1]} | done {counts[2]} | "
+                  f"failed {counts[3]} | of {total} | compute {self.flops:.3g} FLOPs{share}",
+                  file=stream or sys.stderr, flush=True)
+
+        def on_trial_start(self, iteration, trials, trial, **info) -> None:
+            self.state[trial.config["candidate"]] = "running"
+            self._line()
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self.flops += float(result.get("flops") or 0.0)
+            if result.get("failed"):
+                self.state[trial.config["candidate"]] = "failed"
+            self._line()
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            cid = trial.config["candidate"]
+            if self.state.get(cid) == "running":
+                self.state[cid] = "done"
+            self._line()
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self.state[trial.config["candidate"]] = "failed"
+            self._line()
+
+        def on_experiment_end(self, trials, **info) -> None:
+            self._line(force=True)
+
+        def mark_pruned(self, stop: Stop) -> None:
+            self.state[stop.candidate] = "pruned"
+            self._line()
+
+    return Progress()
+
+
+# ---------------------------------------------------------------------------------------------
+# the screening
+
+
+def _init_ray(config: ScreenConfig) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "configure_logging": True, "logging_level": logging.WARNING}
+    if config.ray.address:
+        ray.init(address=config.ray.address, **kwargs)
+    else:
+        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, **kwargs)
+    return True
+
+
+def max_concurrent(config: ScreenConfig, backend: Backend, resources: Mapping[str, float]) -> int:
+    """Trials at once: cluster GPUs // GPUs per candidate, else CPUs // CPUs per candidate."""
+    if backend == "replay":
+        return max(1, int(resources.get("CPU", 1)))
+    gpus = max((c.gpus * c.workers for c in config.zoo), default=0)
+    if gpus > 0 and resources.get("GPU", 0) > 0:
+        return max(1, int(resources["GPU"] // gpus))
+    cpus = max((c.cpus * c.workers for c in config.zoo), default=1)
+    return max(1, int(resources.get("CPU", 1) // cpus))
+
+
+def _grid(config: ScreenConfig, replay: Optional[Curves]) -> list[int]:
+    if replay is None:
+        return config.grid_sizes()
+    return [int(d) for d in replay.D if d <= config.grid.max_samples]
+
+
+def screen(
+    config: ScreenConfig,
+    out: Optional[str] = None,
+    resume: bool = False,
+    backend: Backend = "train",
+    replay: Optional[Curves] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Screen the zoo of ``config`` and select the candidate to fine-tune.
+
+    Parameters
+    ----------
+    config : ScreenConfig
+        Validated configuration (``lensray.config.load_config``).
+    out : str, optional
+        Output folder or URI; default ``config.storage.path``.
+    resume : bool
+        Continue a run in ``out``: stored probes are not repeated. Without it a folder that
+        already holds probe results is refused.
+    backend : {"train", "replay"}
+        Fine-tune in Ray Train workers, or replay the curves of ``replay``.
+    replay : Curves, optional
+        Recorded curves (replay backend); their ids must be the zoo's ids.
+    progress : bool
+        Print progress lines on stderr.
+
+    Returns
+    -------
+    dict
+        The ``selection.json`` content.
+    """
+    t0 = time.perf_counter()
+    if backend not in ("train", "replay"):
+        raise LensrayInputError(f"backend: unknown {backend!r}; use 'train' or 'replay'")
+    if backend == "replay" and replay is None:
+        raise LensrayInputError("replay: a curves table is needed for the replay backend")
+    store = ProbeStore(out or config.storage.path)
+    if not resume and store.get_all():
+        raise LensrayInputError(f"storage.path: {store.uri} already holds probe results; pass --resume or use another --out")
+    store.write_text("config.yaml", config.to_yaml())
+    grid = _grid(config, replay)
+    plans = make_plan(config, store, grid)
+
+    started = _init_ray(config)
+    try:
+        stops = _run_trials(config, store, plans, grid, backend, replay, progress)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return finish(config, store, grid, backend, replay, stops, time.perf_counter() - t0)
+
+
+def _candidate_info(config: ScreenConfig, replay: Optional[Curves]) -> dict[str, dict[str, Any]]:
+    info = {}
+    sizes = dict(zip(replay.ids, replay.size)) if replay is not None else {}
+    for c in config.zoo:
+        size = c.size if c.size is not None else sizes.get(c.id)
+        info[c.id] = {**c.model_dump(), "model": c.source,
+                      "size": None if size is None or not np.isfinite(size) else float(size)}
+    return info
+
+
+def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePlan], grid: list[int],
+                backend: Backend, replay: Optional[Curves], progress: bool) -> dict[str, Stop]:
+    """Run one Tune trial per candidate that still needs probes; returns the pruning decisions."""
+    import ray
+    from ray import tune
+
+    info = _candidate_info(config, replay)
+    ctx = TrialContext(
+        store_uri=store.uri, grid=grid, target=config.target_samples, method=config.predictor.method,
+        level=config.predictor.level,
+        done={p.candidate.id: {n: float(r["test_loss"]) for n, r in p.done.items()} for p in plans},
+        candidates=info, tokens_per_sample=config.tokens_per_sample,
+        task=config.task.model_dump(mode="json"), probe=config.probe.model_dump(mode="json"),
+        train_storage=_storage_path(store, "train"),
+    )
+    if replay is not None:
+        col = {int(d): j for j, d in enumerate(replay.D)}
+        ctx.replay = {cid: {d: float(replay.L[i, col[d]]) for d in grid} for i, cid in enumerate(replay.ids)}
+    known, states = [], {}
+    for p in plans:
+        fc = forecast(ctx.method, ctx.level, p.candidate.id, grid, ctx.done[p.candidate.id], ctx.target,
+                      info[p.candidate.id]["size"], info[p.candidate.id]["family"])
+        if fc["points"]:
+            last = max(p.done)
+            known.append(Forecast(p.candidate.id, last, fc["points"], fc["predicted_loss"], fc["pred_lo"], fc["pred_hi"]))
+        if not p.needs_trial:
+            states[p.candidate.id] = "pruned" if p.decision else "done"
+    todo = [p.candidate.id for p in plans if p.needs_trial]
+    spent = sum(float(r.get("flops") or 0.0) for p in plans for r in p.done.values())
+    full = _full_tuning(config, info, store.get_all() if backend == "train" else [])
+    bar = _progress_callback(len(plans), states, spent, full) if progress else None
+
+    def on_stop(stop: Stop) -> None:
+        write_decision(store, stop.candidate, "pruned", stop.n_samples, stop.reason)
+        if bar is not None:
+            bar.mark_pruned(stop)
+
+    if not todo:
+        return {}
+    scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, known=known, on_stop=on_stop)
+    if backend == "replay":
+        trainable = tune.with_resources(tune.with_parameters(replay_trainable, ctx=ctx), {"cpu": 1})
+    else:
+        trainable = tune.with_resources(tune.with_parameters(train_trainable, ctx=ctx), {"cpu": 0})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"candidate": tune.grid_search(todo)},
+        tune_config=tune.TuneConfig(
+            scheduler=scheduler if config.pruning.enabled else None,
+            max_concurrent_trials=max_concurrent(config, backend, ray.cluster_resources()),
+            reuse_actors=backend == "replay",
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{int(time.time())}",
+            storage_path=_storage_path(store, "tune"),
+            failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
+            callbacks=[bar] if bar is not None else None,
+            verbose=0,
+        ),
+    )
+    with _quiet_tune():
+        results = tuner.fit()
+    for res in results:
+        cid = (res.config or {}).get("candidate")
+        if res.error is not None and cid and read_decision(store, cid) is None:
+            write_decision(store, cid, "failed", (res.metrics or {}).get(TIME_ATTR), _one_line(res.error))
+    return dict(scheduler.stopped) if config.pruning.enabled else {}
+
+
+class _quiet_tune:
+    """Context: no Tune result loggers (JSON/CSV/TensorBoard files per trial) and no INFO logs.
+
+    The store holds every result; Tune's per-trial logger files cost time and disk at zoo scale.
+    """
+
+    def __enter__(self) -> None:
+        self._env = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+        if os.environ.get("LENSRAY_TUNE_LOGGERS") != "1":
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        self._logger = logging.getLogger("ray.tune")
+        self._level = self._logger.level
+        self._logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._env is None:
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = self._env
+        self._logger.setLevel(self._level)
+
+
+def _storage_path(store: ProbeStore, name: str) -> str:
+    return store.path(name) if "://" not in store.uri else f"{store.uri.rstrip('/')}/{name}"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 500 else text[:497] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# driver: fit all curves, rank, bill, write outputs
+
+
+def _tokens_per_sample(records: list[dict], default: float) -> float:
+    tok = sum(float(r.get("tokens") or 0.0) for r in records if r.get("n_samples", 0) > 0)
+    n = sum(int(r["n_samples"]) for r in records if r.get("n_samples", 0) > 0)
+    return tok / n if tok > 0 and n > 0 else default
+
+
+def _full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[dict]) -> float:
+    """FLOPs of fine-tuning every candidate on D*: sum of 6 * size * tokens/sample * D*."""
+    total = 0.0
+    for cid, cand in info.items():
+        mine = [r for r in records if r.get("candidate") == cid]
+        size = cand.get("size") or next((r.get("n_params") for r in mine if r.get("n_params")), None)
+        if size:
+            total += 6.0 * float(size) * _tokens_per_sample(mine, config.tokens_per_sample) * config.target_samples
+    return total
+
+
+def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],
+           stops: Mapping[str, Stop], wall_seconds: float) -> dict[str, Any]:
+    """Fit every stored curve, rank the candidates, bill the compute and write the outputs."""
+    from lensray.report import write_report
+
+    info = _candidate_info(config, replay)
+    records = store.get_all()
+    ids = [c.id for c in config.zoo]
+    sizes = {cid: info[cid]["size"] or next((r.get("n_params") for r in records
+                                            if r["candidate"] == cid and r.get("n_params")), None) for cid in ids}
+    curves = curves_from_store(ids, grid, records, sizes, {cid: info[cid]["family"] for cid in ids})
+    pred = _selector(config.predictor.method, config.predictor.level).predict(curves, config.target_samples)
+    entries = []
+    for i, cid in enumerate(ids):
+        mine = [r for r in records if r["candidate"] == cid]
+        decision = read_decision(store, cid)
+        observed = {int(r["n_samples"]) for r in mine if r.get("status", "ok") == "ok"}
+        status, reason, pruned_at, error = "finished", None, None, None
+        if decision and decision["status"] == "failed":
+            status, error = "failed", decision["reason"]
+        elif decision and decision["status"] == "pruned":
+            status, reason, pruned_at = "pruned", decision["reason"], decision["n_samples"]
+        elif not set(grid) <= observed:
+            status, error = "failed", f"incomplete: {len(observed)} of {len(grid)} probes stored"
+        if status != "failed" and not pred.ok[i]:
+            status, error = "failed", pred.errors[i] or "curve could not be fitted"
+        params = None if pred.params is None else [float(v) for v in np.asarray(pred.params)[i].reshape(-1)]
+        entries.append({
+            "candidate": cid, "status": status,
+            "predicted_loss": float(pred.loss[i]) if status != "failed" else None,
+            "interval": [float(pred.lo[i]), float(pred.hi[i])] if status != "failed" else [None, None],
+            "pruned_at": pruned_at, "params": params if status != "failed" else None,
+            "flops": sum(float(r.get("flops") or 0.0) for r in mine), "error": error, "reason": reason,
+            "n_probes": len(observed),
+        })
+    order = {"finished": 0, "pruned": 1, "failed": 2}
+    entries.sort(key=lambda e: (order[e["status"]], e["predicted_loss"] if e["predicted_loss"] is not None
+                                and math.isfinite(e["predicted_loss"]) else math.inf))
+    spent = sum(e["flops"] for e in entries)
+    full = _full_tuning(config, info, records)
+    gpu_seconds = sum(float(r.get("wall_seconds") or 0.0) * info[r["candidate"]]["gpus"] * info[r["candidate"]]["workers"]
+                      for r in records if r["candidate"] in info)
+    selected = next((e["candidate"] for e in entries if e["status"] != "failed"), None)
+    selection = {
+        "selected": selected,
+        "ranking": entries,
+        "compute": {"flops_spent": spent, "flops_full_tuning": full,
+                    "saved_fraction": 1.0 - spent / full if full > 0 else None,
+                    "gpu_seconds": gpu_seconds, "wall_seconds": wall_seconds},
+        "backend": backend, "target_samples": config.target_samples, "grid": grid,
+        "predictor": config.predictor.method,
+    }
+    store.write_parquet(records)
+    write_report(store, selection, records, config.target_samples)
+    return selection

@@ -1,0 +1,87 @@
+"""``lensray screen``: validate the input (before any Ray work), run the screening, print the result.
+
+Two forms::
+
+    lensray screen CONFIG.yaml [--out DIR] [--resume] [--address ADDR]
+    lensray screen --replay CURVES.csv --max-samples N --target-samples N [--out DIR] [--resume]
+
+Exit code 0 when a candidate was selected (a warning line names failed candidates), 1 when every
+candidate failed, 2 for bad input (raised as LensrayInputError, printed by ``lensray.cli``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from lensray.errors import LensrayInputError
+
+DEFAULT_REPLAY_OUT = "runs/replay"
+
+
+def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """Config and curves of a replay run; the zoo is the table's rows (or the config's zoo)."""
+    from lensray.config import load_config
+    from lensray.curves import load_curves_csv
+
+    if args.max_samples is None:
+        raise LensrayInputError("--max-samples: required with --replay (the probe budget D_max)")
+    curves = load_curves_csv(args.replay)
+    curves.budget(args.max_samples)  # at least 3 points with D > 0 under the budget
+    overrides = {"storage.path": args.out, "ray.address": args.address,
+                 "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
+    if args.config is not None:
+        config = load_config(args.config, overrides)
+        missing = [c.id for c in config.zoo if c.id not in curves.ids]
+        if missing:
+            raise LensrayInputError(f"zoo: candidate {missing[0]!r} has no row in {args.replay} (column 'config name')")
+        curves = curves.take([curves.ids.index(c.id) for c in config.zoo])
+    else:
+        zoo = [{"id": cid, **({"size": float(s)} if s == s else {}), "family": f}
+               for cid, s, f in zip(curves.ids, curves.size, curves.family)]
+        positive = [int(d) for d in curves.D if d > 0]
+        base = {"name": f"replay-{Path(args.replay).stem}", "zoo": zoo, "storage": {"path": DEFAULT_REPLAY_OUT},
+                "grid": {"start": positive[0], "factor": 2, "zero_shot": bool((curves.D == 0).any())}}
+        config = load_config(base, overrides)
+    return config, curves
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    """Run ``lensray screen``; returns the exit code."""
+    from lensray.config import load_config
+
+    if args.replay:
+        config, curves = replay_config(args)
+        backend = "replay"
+    else:
+        overrides = {"storage.path": args.out, "ray.address": args.address,
+                     "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
+        config, curves, backend = load_config(args.config, overrides), None, "train"
+
+    from lensray.screen import screen
+
+    selection = screen(config, resume=args.resume, backend=backend, replay=curves)
+    return summarise(selection, config.storage.path)
+
+
+def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
+    """Print the selection; returns the exit code (1 when every candidate failed)."""
+    ranking = selection["ranking"]
+    failed = [e for e in ranking if e["status"] == "failed"]
+    for e in failed:
+        print(f"warning: candidate {e['candidate']} failed: {e['error']}", file=sys.stderr)
+    bill = selection["compute"]
+    saved = bill["saved_fraction"]
+    print(f"selected: {selection['selected']}", file=stream)
+    for rank, e in enumerate(ranking, start=1):
+        loss = "-" if e["predicted_loss"] is None else f"{e['predicted_loss']:.4f}"
+        print(f"{rank:4d}  {e['status']:8s}  {loss:>8s}  {e['candidate']}", file=stream)
+    print(f"compute: {bill['flops_spent']:.3g} FLOPs spent, {bill['flops_full_tuning']:.3g} for full tuning"
+          + (f" (saved {100 * saved:.2f}%)" if saved is not None else "")
+          + f", wall {bill['wall_seconds']:.1f} s; outputs in {out}", file=stream)
+    if len(failed) == len(ranking):
+        print("error: every candidate failed", file=sys.stderr)
+        return 1
+    return 0
