@@ -163,17 +163,26 @@ class ScalingLaw:
     _hi: np.ndarray
     _uses_zero: bool = True
 
-    def _model(self, theta: np.ndarray, D: np.ndarray, rows: np.ndarray):
-        """log L_hat (k, m) and its Jacobian (k, m, p) w.r.t. the internal parameters."""
+    def _model(self, theta: np.ndarray, D: np.ndarray, rows: np.ndarray, K: np.ndarray | None = None):
+        """log L_hat (k, m) and its Jacobian (k, m, p) w.r.t. the internal parameters.
+
+        ``rows`` are the batch rows being evaluated; ``K`` (k, m) is the LensLLM NTK term at D.
+        """
         raise NotImplementedError
 
-    def _starts(self, D: np.ndarray, L: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Initial internal parameters, shape (n, n_starts, p)."""
+    def _starts(self, D: np.ndarray, L: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Initial internal parameters of batch rows ``rows``, shape (len(rows), n_starts, p)."""
         raise NotImplementedError
 
-    def _natural(self, theta: np.ndarray) -> np.ndarray:
-        """Internal parameters (n, p) -> the law's parameters ``param_names`` (n, p)."""
+    def _natural(self, theta: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Internal parameters of batch rows ``rows`` -> the law's ``param_names`` columns."""
         raise NotImplementedError
+
+    def _new_K(self, D: np.ndarray, F) -> np.ndarray | None:
+        """The NTK term at new sizes for ``predict`` (LensLLM only)."""
+        if F is not None:
+            raise LensrayInputError(f"F: the {self.name} law takes no NTK term")
+        return None
 
     # --- shared machinery
     @property
@@ -198,7 +207,7 @@ class ScalingLaw:
         cost = np.full(n, np.nan)
         idx = np.flatnonzero(enough)
         if idx.size:
-            starts = self._starts(D, L[idx], mask[idx])  # (k, S, p)
+            starts = self._starts(D, L[idx], mask[idx], idx)  # (k, S, p)
             k, S, _ = starts.shape
             rows_of = np.repeat(idx, S)
             th, c, ok = _levenberg_marquardt(
@@ -223,7 +232,7 @@ class ScalingLaw:
         self._theta = theta
         self.params_ = np.full((n, self.n_params), np.nan)
         if fitted.any():
-            self.params_[fitted] = self._natural(theta[fitted])
+            self.params_[fitted] = self._natural(theta[fitted], np.flatnonzero(fitted))
         self.converged_ = conv & fitted
         self.fitted_ = fitted
         m = mask.sum(axis=1)
@@ -263,7 +272,7 @@ class ScalingLaw:
         if not hasattr(self, "_theta"):
             raise RuntimeError(f"{type(self).__name__} is not fitted: call fit() first")
 
-    def _predict_log(self, D, **kw):
+    def _predict_log(self, D, F=None):
         self._check_fitted()
         D = np.asarray(D, dtype=float)
         if D.ndim != 1 or np.any(D < 0) or not np.all(np.isfinite(D)):
@@ -271,25 +280,29 @@ class ScalingLaw:
         n, p = self._theta.shape
         y = np.full((n, D.size), np.nan)
         J = np.full((n, D.size, p), np.nan)
+        K = self._new_K(D, F)
         idx = np.flatnonzero(self.fitted_)
         if idx.size:
             with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-                yi, Ji = self._model(self._theta[idx], D, idx, **kw)
+                yi, Ji = self._model(self._theta[idx], D, idx, None if K is None else K[idx])
             y[idx], J[idx] = yi, Ji
         if not self._uses_zero:
             y[:, D <= 0] = np.nan
         return y, J
 
-    def predict(self, D) -> np.ndarray:
-        """Predicted loss (n, len(D)); NaN for curves that could not be fitted."""
-        y, _ = self._predict_log(D)
+    def predict(self, D, F=None) -> np.ndarray:
+        """Predicted loss (n, len(D)); NaN for curves that could not be fitted.
+
+        ``F`` (LensLLM fitted with per-point F only): the NTK term at the new D, (n, len(D)).
+        """
+        y, _ = self._predict_log(D, F)
         return np.exp(y)
 
-    def predict_interval(self, D, level: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    def predict_interval(self, D, level: float = 0.9, F=None) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) of the ``level`` predictive interval, each (n, len(D)); see the module docstring."""
         if not 0 < level < 1:
             raise LensrayInputError(f"level: must be in (0, 1), got {level}")
-        y, J = self._predict_log(D)
+        y, J = self._predict_log(D, F)
         var = np.einsum("kdp,kpq,kdq->kd", J, self._cov, J) + self._s2[:, None]
         dof = self._dof.astype(float)
         tq = np.where(dof > 0, stats.t.ppf(0.5 + level / 2, np.maximum(dof, 1)), np.nan)
@@ -358,7 +371,7 @@ class RectifiedLaw(ScalingLaw):
     _lo = np.array([np.log(1e-8), -40.0, np.log(0.01), np.log(1e-8)])
     _hi = np.array([np.log(1e3), 40.0, np.log(3.0), np.log(1e3)])
 
-    def _model(self, theta, D, rows):
+    def _model(self, theta, D, rows, K=None):
         a, c, b, e = (theta[:, i : i + 1] for i in range(4))
         A, beta, E = np.exp(a), np.exp(b), np.exp(e)
         pos = D > 0
@@ -374,7 +387,7 @@ class RectifiedLaw(ScalingLaw):
         )
         return y, J
 
-    def _starts(self, D, L, mask):
+    def _starts(self, D, L, mask, rows):
         x = _logD(D)
         xp = x[D > 0]
         x0, x1 = (xp.min(), xp.max()) if xp.size else (0.0, 0.0)
@@ -397,14 +410,201 @@ class RectifiedLaw(ScalingLaw):
         )
         return np.clip(_top_starts(cost, params, self.n_starts), self._lo, self._hi)
 
-    def _natural(self, theta):
+    def _natural(self, theta, rows):
         a, c, b, e = theta.T
         beta = np.exp(b)
         Dl = np.exp(beta * c)
         return np.stack([np.exp(a) * Dl, Dl, beta, np.exp(e)], axis=1)
 
 
-LAWS: dict[str, type[ScalingLaw]] = {"rectified": RectifiedLaw}
+# ----------------------------------------------------------------------------- vanilla
+
+
+class PowerLaw(ScalingLaw):
+    """L(D) = (1 / (B D^beta) + E)^alpha (the "vanilla" law); D = 0 points are ignored."""
+
+    name = "vanilla"
+    param_names = ("B", "beta", "E", "alpha")
+    # internal: log B, log beta, log E, log alpha
+    _lo = np.array([-60.0, np.log(1e-3), -60.0, np.log(0.01)])
+    _hi = np.array([60.0, np.log(5.0), 60.0, np.log(100.0)])
+    _uses_zero = False
+
+    def _model(self, theta, D, rows, K=None):
+        u, b, e, g = (theta[:, i : i + 1] for i in range(4))
+        beta, alpha = np.exp(b), np.exp(g)
+        x = np.where(D > 0, _logD(np.where(D > 0, D, 1.0)), 0.0)
+        v = -(u + beta * x)
+        logS = np.logaddexp(v, e)
+        y = alpha * logS
+        sv = np.exp(v - logS)
+        J = np.stack(
+            [-alpha * sv, -alpha * sv * x * beta, alpha * np.exp(e - logS), np.broadcast_to(y, sv.shape)], axis=-1
+        )
+        return y, J
+
+    def _starts(self, D, L, mask, rows):
+        pos = (D > 0)[None, :] & mask  # (n, m)
+        x = np.where(D > 0, _logD(np.where(D > 0, D, 1.0)), 0.0)
+        logL = np.log(np.where(mask, L, 1.0))
+        minL = np.min(np.where(pos, L, np.inf), axis=1)  # (n,)
+        alphas = np.geomspace(0.05, 20.0, 10)
+        fracs = np.array([0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.98])
+        ag, qg = (a.ravel() for a in np.meshgrid(alphas, fracs, indexing="ij"))  # (G,)
+        al = ag[None, :, None]
+        ratio = (qg[None, :, None] * minL[:, None, None] / np.where(pos, L, 1.0)[:, None, :]) ** (1.0 / al)
+        t = logL[:, None, :] / al + np.log1p(-np.minimum(ratio, 1.0 - 1e-12))  # log(L^(1/a) - E) = -u - beta x
+        wgt = np.broadcast_to(pos[:, None, :], t.shape).astype(float)
+        cnt = np.maximum(wgt.sum(-1), 1.0)
+        xm = (wgt * x).sum(-1) / cnt
+        tm = (wgt * t).sum(-1) / cnt
+        sxx = (wgt * (x - xm[..., None]) ** 2).sum(-1)
+        sxt = (wgt * (x - xm[..., None]) * (t - tm[..., None])).sum(-1)
+        beta = np.clip(-sxt / np.where(sxx > 0, sxx, 1.0), 1e-3, 5.0)
+        u = -(tm + beta * xm)
+        with np.errstate(divide="ignore"):
+            e = np.where(qg > 0, np.log(qg[None, :] * minL[:, None]) / ag[None, :], self._lo[2])
+        n, G = u.shape
+        params = np.clip(
+            np.stack([u, np.log(beta), e, np.broadcast_to(np.log(ag), (n, G))], -1), self._lo, self._hi
+        )
+        yhat, _ = self._model(params.reshape(n * G, 4), D, None)
+        cost = _log_cost(yhat.reshape(n, G, -1), L[:, None, :], pos[:, None, :])
+        return _top_starts(cost, params, self.n_starts)
+
+    def _natural(self, theta, rows):
+        return np.exp(theta)
+
+
+# ----------------------------------------------------------------------------- lensllm
+
+
+class LensLLMLaw(RectifiedLaw):
+    """L(D) = B / (F + D^beta) + E (Zeng et al., 2025); see the module docstring for F.
+
+    ``fit(D, L, F=...)``: "phase" mode, F from the NTK features, (n,) or (n, m), put on the
+    D^beta scale by one fitted scale ``gamma_`` shared by the batch. ``fit(D, L)``:
+    "prediction" mode, F_i free (the rectified machinery). ``params_`` columns: B, F (the
+    effective gamma F_i, or the fitted F_i; NaN for per-point F), beta, E. ``mode_`` says which.
+    """
+
+    name = "lensllm"
+    param_names = ("B", "F", "beta", "E")
+    gamma_grid = np.linspace(-4.0, 8.0, 13)  # log10 of gamma * median(F)
+
+    # phase-mode internals: log B, log beta, log E, with K = gamma F fixed
+    _lo_phase = np.array([-40.0, np.log(0.01), np.log(1e-8)])
+    _hi_phase = np.array([80.0, np.log(3.0), np.log(1e3)])
+
+    @property
+    def _phase(self) -> bool:
+        return getattr(self, "mode_", "prediction") == "phase"
+
+    @property
+    def _lo(self):  # type: ignore[override]
+        return self._lo_phase if self._phase else RectifiedLaw._lo
+
+    @property
+    def _hi(self):  # type: ignore[override]
+        return self._hi_phase if self._phase else RectifiedLaw._hi
+
+    def fit(self, D, L, F=None) -> "LensLLMLaw":
+        """Fit; ``F`` is the NTK term per curve (n,) or per point (n, m); without it F is free."""
+        self.mode_ = "prediction" if F is None else "phase"
+        self.gamma_ = np.nan
+        D, L, mask = self._prepare(D, L)
+        if F is None:
+            theta, conv, _ = self._fit_batch(D, L, mask)
+            self._finish(D, L, mask, theta, conv)
+            return self
+        Fm, self._per_curve = _check_F(F, L.shape)
+        mask &= np.isfinite(Fm)
+        self.F_ = Fm[:, 0].copy() if self._per_curve else Fm.copy()
+        logF = np.log(np.where(np.isfinite(Fm) & (Fm > 0), Fm, 1e-300))
+        ref = float(np.median(logF[mask])) if mask.any() else 0.0
+
+        def run(log10_g: float):
+            self._K = np.exp(log10_g * np.log(10.0) - ref + logF)
+            theta, conv, cost = self._fit_batch(D, L, mask)
+            return theta, conv, float(np.nansum(cost))
+
+        grid = self.gamma_grid
+        costs = np.array([run(g)[2] for g in grid])
+        j = int(np.argmin(costs))
+        step = grid[1] - grid[0]
+        res = optimize.minimize_scalar(
+            lambda g: run(g)[2], bounds=(grid[j] - step, grid[j] + step), method="bounded", options={"xatol": 1e-3}
+        )
+        best = float(res.x) if res.fun <= costs[j] else float(grid[j])
+        theta, conv, _ = run(best)
+        self.gamma_ = float(np.exp(best * np.log(10.0) - ref))
+        self._finish(D, L, mask, theta, conv)
+        return self
+
+    def _model(self, theta, D, rows, K=None):
+        if not self._phase:
+            return super()._model(theta, D, rows)
+        if K is None:
+            K = self._K[rows]
+        q, b, e = (theta[:, i : i + 1] for i in range(3))
+        B, beta, E = np.exp(q), np.exp(b), np.exp(e)
+        pos = D > 0
+        x = np.where(pos, _logD(np.where(pos, D, 1.0)), 0.0)
+        z = np.where(pos, np.exp(np.minimum(beta * x, _EXP_MAX)), 0.0)
+        P = K + z
+        BP = B / P
+        M = BP + E
+        J = np.stack([BP / M, -BP / P * z * x * beta / M, E / M], axis=-1)
+        return np.log(M), J
+
+    def _starts(self, D, L, mask, rows):
+        if not self._phase:
+            return super()._starts(D, L, mask, rows)
+        pos = D > 0
+        x = np.where(pos, _logD(np.where(pos, D, 1.0)), 0.0)
+        bs = np.geomspace(0.02, 2.5, 24)
+        z = np.where(pos[None, :], np.exp(np.minimum(bs[:, None] * x[None, :], _EXP_MAX)), 0.0)  # (G, m)
+        h = 1.0 / (self._K[rows][:, None, :] + z[None])  # (n, G, m)
+        Lb, mb = L[:, None, :], mask[:, None, :]
+        B, E = _wls_two(h, Lb, mb)
+        B = np.clip(B, np.exp(self._lo_phase[0]), np.exp(self._hi_phase[0]))
+        E = np.clip(E, np.exp(self._lo_phase[2]), np.exp(self._hi_phase[2]))
+        cost = _log_cost(np.log(B[..., None] * h + E[..., None]), Lb, mb)
+        n, G = B.shape
+        params = np.stack([np.log(B), np.broadcast_to(np.log(bs), (n, G)), np.log(E)], -1)
+        return np.clip(_top_starts(cost, params, self.n_starts), self._lo, self._hi)
+
+    def _natural(self, theta, rows):
+        if not self._phase:
+            return super()._natural(theta, rows)
+        Fcol = self.gamma_ * self.F_[rows] if self._per_curve else np.full(len(rows), np.nan)
+        return np.column_stack([np.exp(theta[:, 0]), Fcol, np.exp(theta[:, 1]), np.exp(theta[:, 2])])
+
+    def _new_K(self, D, F):
+        if not self._phase:
+            return super()._new_K(D, F)
+        n, k = self._theta.shape[0], np.asarray(D).size
+        if F is None:
+            if not self._per_curve:
+                raise LensrayInputError("F: fitted with per-point F, so predict needs F at the new D, shape (n, len(D))")
+            return np.repeat(self.gamma_ * self.F_[:, None], k, axis=1)
+        return self.gamma_ * _check_F(F, (n, k))[0]
+
+
+def _check_F(F, shape: tuple[int, int]) -> tuple[np.ndarray, bool]:
+    """F as (n, m) and whether it was given per curve; NaN = missing."""
+    F = np.asarray(F, dtype=float)
+    n, m = shape
+    if F.shape not in ((n,), (n, m)):
+        raise LensrayInputError(f"F: expected shape ({n},) or ({n}, {m}), got {F.shape}")
+    if np.any(np.isinf(F)) or np.any(F[np.isfinite(F)] < 0):
+        raise LensrayInputError("F: the NTK term must be finite and >= 0 (NaN = missing)")
+    if F.ndim == 1:
+        return np.repeat(F[:, None], m, axis=1), True
+    return F, False
+
+
+LAWS: dict[str, type[ScalingLaw]] = {"vanilla": PowerLaw, "rectified": RectifiedLaw, "lensllm": LensLLMLaw}
 
 
 def get_law(name: str, **kwargs) -> ScalingLaw:
