@@ -1,0 +1,379 @@
+"""Selection methods: curves visible under a budget -> predicted loss at D*, interval, rank.
+
+Every method is a :class:`Selector` with ``predict(curves, target) -> Prediction``; the
+registry :data:`SELECTORS` maps the names used by the CLI to the classes. A row that a method
+cannot score gets ``ok = False``, a NaN score and a one-line reason in ``errors``; the other
+rows are still ranked, failed rows last.
+
+Methods (DESIGN.md §2-§3): ``zeroshot`` (loss at D = 0), ``subtuning`` (loss at the largest
+visible D), ``modelsize`` (score log size, larger is better), ``vanilla`` (power law on
+D > 0), ``rectified`` (rectified law on D = 0 and D > 0), ``ats`` (Accept-then-Stop line),
+``lensllm`` (LensLLM law; NTK-supplied F when the curves carry ``ntk_F``) and ``lensray``
+(the project's predictor, :class:`LensraySelector`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import stats
+
+from lensray.curves import Curves
+from lensray.errors import LensrayInputError
+from lensray.phases import ats_line
+
+LEVEL = 0.9
+"""Level of every predictive interval."""
+
+
+@dataclass
+class Prediction:
+    """Output of a selection method for ``n`` candidates.
+
+    Attributes
+    ----------
+    ids : list of str
+        Candidate ids, in the input order.
+    loss : array (n,)
+        Predicted loss at the target size; NaN where the method has none or could not fit.
+    lo, hi : array (n,)
+        90 % predictive interval of the loss; NaN where the method has none.
+    score : array (n,)
+        The value correlated with the true loss by PearCorr (usually ``loss``).
+    ok : array (n,) of bool
+        Whether the row was scored.
+    errors : list of (str or None)
+        Why a row was not scored.
+    params : array or None
+        Fitted parameters per row, when the method has any.
+    higher_is_better : bool
+        Rank by descending score (``modelsize``); default ascending (a loss).
+    """
+
+    ids: list[str]
+    loss: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    score: np.ndarray
+    ok: np.ndarray
+    errors: list[str | None]
+    params: np.ndarray | None = None
+    higher_is_better: bool = field(default=False)
+
+    def rank(self) -> np.ndarray:
+        """Rank of each row, 1 = best; failed rows come last; ties keep the input order."""
+        score = np.asarray(self.score, dtype=np.float64)
+        scored = np.asarray(self.ok, dtype=bool) & np.isfinite(score)
+        key = np.where(scored, -score if self.higher_is_better else score, np.inf)
+        order = np.argsort(key, kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(1, len(order) + 1)
+        return rank
+
+    def selected(self) -> str:
+        """Id of the rank-1 candidate.
+
+        Raises
+        ------
+        LensrayInputError
+            If no candidate could be scored.
+        """
+        scored = np.asarray(self.ok, dtype=bool) & np.isfinite(np.asarray(self.score, dtype=np.float64))
+        if not scored.any():
+            reasons = "; ".join(f"{i}: {e}" for i, e in zip(self.ids, self.errors) if e)
+            raise LensrayInputError(f"no candidate could be scored ({reasons})")
+        return self.ids[int(np.argmin(self.rank()))]
+
+
+class Selector:
+    """A selection method: ``predict(curves, target)`` scores every row of ``curves``."""
+
+    name: str = ""
+
+    def predict(self, curves: Curves, target: int) -> Prediction:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- helpers
+def _nan(n: int) -> np.ndarray:
+    return np.full(n, np.nan)
+
+
+def _check_target(curves: Curves, target: int) -> float:
+    if not np.isfinite(target) or target <= 0:
+        raise LensrayInputError(f"target: must be a positive sample size, got {target}")
+    if curves.D.size and target < curves.D.max():
+        raise LensrayInputError(f"target: {target} is below the largest visible size {curves.D.max():g}")
+    return float(target)
+
+
+def _prediction(curves: Curves, loss, lo=None, hi=None, score=None, errors=None, params=None, **kw) -> Prediction:
+    """A Prediction where rows with a non-finite score are marked failed (reason kept or generic)."""
+    n = len(curves)
+    loss = np.asarray(loss, dtype=np.float64)
+    score = loss if score is None else np.asarray(score, dtype=np.float64)
+    errors = [None] * n if errors is None else list(errors)
+    ok = np.isfinite(score)
+    for i in np.flatnonzero(~ok):
+        errors[i] = errors[i] or "could not be scored"
+    ok &= np.array([e is None for e in errors], dtype=bool)
+    return Prediction(
+        list(curves.ids), loss, _nan(n) if lo is None else np.asarray(lo, float),
+        _nan(n) if hi is None else np.asarray(hi, float), np.where(ok, score, np.nan), ok, errors, params, **kw,
+    )
+
+
+def _column(curves: Curves, d: float, what: str) -> np.ndarray:
+    hit = np.flatnonzero(curves.D == d)
+    if hit.size == 0:
+        raise LensrayInputError(f"column '{d:g}' ({what}) is required but absent from the curves table")
+    return curves.L[:, hit[0]].copy()
+
+
+def _row_points(curves: Curves, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Measured points of row ``i`` with D > 0."""
+    keep = (curves.D > 0) & np.isfinite(curves.L[i])
+    return curves.D[keep], curves.L[i, keep]
+
+
+# ----------------------------------------------------------------------------- baselines
+class ZeroShotSelector(Selector):
+    """Rank by the zero-shot loss (column D = 0)."""
+
+    name = "zeroshot"
+
+    def predict(self, curves: Curves, target: int) -> Prediction:
+        _check_target(curves, target)
+        loss = _column(curves, 0.0, "zero-shot loss")
+        errors = [None if np.isfinite(v) else "no zero-shot loss (D = 0)" for v in loss]
+        return _prediction(curves, loss, errors=errors)
+
+
+class SubTuningSelector(Selector):
+    """Rank by the loss after fine-tuning on the largest visible size D_max."""
+
+    name = "subtuning"
+
+    def predict(self, curves: Curves, target: int) -> Prediction:
+        _check_target(curves, target)
+        d_max = float(curves.D.max())
+        loss = _column(curves, d_max, "loss at the budget")
+        errors = [None if np.isfinite(v) else f"no loss measured at D = {d_max:g}" for v in loss]
+        return _prediction(curves, loss, errors=errors)
+
+
+class ModelSizeSelector(Selector):
+    """Rank by parameter count, larger first; the score is log(size) (as in the reference)."""
+
+    name = "modelsize"
+
+    def predict(self, curves: Curves, target: int) -> Prediction:
+        _check_target(curves, target)
+        size = curves.require_size(self.name)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(size > 0, np.log(size), np.nan)
+        errors = [None if np.isfinite(s) else "unknown size" for s in score]
+        return _prediction(curves, _nan(len(curves)), score=score, errors=errors, higher_is_better=True)
+
+
+class AtSSelector(Selector):
+    """Accept-then-Stop (Lin et al. 2024): the power-phase line of :func:`lensray.phases.ats_line`.
+
+    The interval is the ordinary least-squares prediction interval of that line at ``target``
+    (NaN when the line has fewer than 3 points).
+    """
+
+    name = "ats"
+
+    def __init__(self, k: int = 3, delta: float = 5.0) -> None:
+        self.k, self.delta = k, delta
+
+    def predict(self, curves: Curves, target: int) -> Prediction:
+        xt = np.log(_check_target(curves, target))
+        n = len(curves)
+        loss, lo, hi, params = _nan(n), _nan(n), _nan(n), np.full((n, 2), np.nan)
+        errors: list[str | None] = [None] * n
+        for i in range(n):
+            D, L = _row_points(curves, i)
+            if D.size < 2:
+                errors[i] = f"needs at least 2 measured points with D > 0, has {D.size}"
+                continue
+            a, b, p = ats_line(D, L, self.k, self.delta)
+            params[i] = a, b
+            loss[i] = np.exp(a * xt + b)
+            if p >= 3:
+                x = np.log(D[-p:])
+                s = np.sqrt(np.sum((np.log(L[-p:]) - (a * x + b)) ** 2) / (p - 2))
+                se = s * np.sqrt(1 + 1 / p + (xt - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
+                half = stats.t.ppf(0.5 + LEVEL / 2, p - 2) * se
+                lo[i], hi[i] = loss[i] * np.exp(-half), loss[i] * np.exp(half)
+        return _prediction(curves, loss, lo, hi, errors=errors, params=params)
+
+
+class LawSelector(Selector):
+    """Fit a scaling law of :mod:`lensray.laws` to every curve and extrapolate to ``target``."""
+
+    law_name = ""
+
+    def _fit(self, curves: Curves):
+        from lensray.laws import get_law
+
+        return get_law(self.law_name).fit(curves.D, curves.L)
+
+    def predict(self, curves: Curves, target: int) -> Prediction:
+        t = np.array([_check_target(curves, target)])
+        law = self._fit(curves)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = law.predict(t)[:, 0]
+            lo, hi = (a[:, 0] for a in law.predict_interval(t, LEVEL))
+        errors = [None if f else f"{self.law_name} law could not be fitted" for f in law.fitted_]
+        return _prediction(curves, loss, lo, hi, errors=errors, params=law.params_)
+
+
+class VanillaSelector(LawSelector):
+    """Vanilla power law L = (1/(B D^beta) + E)^alpha fitted on the points D > 0."""
+
+    name = law_name = "vanilla"
+
+
+class RectifiedSelector(LawSelector):
+    """Rectified scaling law L = B/(D_l + D^beta) + E fitted on D = 0 and D > 0."""
+
+    name = law_name = "rectified"
+
+
+class LensLLMSelector(LawSelector):
+    """LensLLM law L = B/(F + D^beta) + E.
+
+    "Phase" mode when the curves carry an ``ntk_F`` attribute (the NTK term per curve, or per
+    point), else "prediction" mode with F fitted per curve.
+    """
+
+    name = law_name = "lensllm"
+
+    def _fit(self, curves: Curves):
+        from lensray.laws import get_law
+
+        return get_law(self.law_name).fit(curves.D, curves.L, F=getattr(curves, "ntk_F", None))
+
+
+# ----------------------------------------------------------------------------- lensray
+class LensraySelector(Selector):
+    """The project's predictor: power-phase tangent + zoo-shared slope growth, damped trend.
+
+    Per curve (points D > 0, x = log2 D, y = log L):
+
+    1. **Tangent**: OLS line through the last ``k_tangent`` measured points (the current power-
+       phase slope ``s_i <= 0`` and level ``e_i`` at the last point ``x_i``).
+    2. **Zoo-shared steepening**: fine-tuning curves steepen in log-log as they leave the
+       pre-power phase. Each curve with at least 4 points gives a relative steepening rate
+       ``rho_i = y''/y'`` from a quadratic fit over its visible points (at its last point);
+       the zoo rate ``rho`` is their median (one number per zoo: sharing strength across
+       candidates; a single curve's curvature is too noisy to extrapolate).
+    3. **Damped trend** (as in Holt's damped-trend forecasting): after ``h`` more doublings the
+       slope is ``s_i exp(rho (phi + phi^2 + ... + phi^h))``, so the steepening fades with
+       damping ``phi``; log L at the target is ``e_i`` plus the sum of these slopes over the
+       ``H_i = log2(target) - x_i`` doublings (the last, fractional one pro rata).
+    4. **Interval** (90 %): leave-future-out backtests on the visible data: the same predictor
+       run with the last ``b`` points hidden predicts the hidden last point of every curve
+       (``b`` doublings ahead); the zoo root-mean-square error ``sigma_b`` of each ``b`` is
+       scaled to the target's distance, ``sigma(H) = max_b sigma_b (H / b)^gamma``
+       (``gamma = 1.5``: between slope errors, linear in H, and curvature errors, quadratic),
+       and the interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``.
+
+    Defaults are fixed here, identical for every table; nothing looks at columns beyond the
+    budget.
+    """
+
+    name = "lensray"
+
+    def __init__(self, k_tangent: int = 3, phi: float = 0.7, gamma: float = 1.5, min_backtest_points: int = 4):
+        self.k_tangent, self.phi, self.gamma = k_tangent, phi, gamma
+        self.min_backtest_points = min_backtest_points
+
+    # -- point forecast
+    def _forecast(self, x: list[np.ndarray], y: list[np.ndarray], xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log L at ``xt[i]`` (log2 size) for each curve, and (slope, level, rho_i) per curve."""
+        n = len(x)
+        s, e, rho = _nan(n), _nan(n), _nan(n)
+        for i in range(n):
+            xi, yi = x[i], y[i]
+            if xi.size < self.k_tangent:
+                continue
+            a, b = np.polyfit(xi[-self.k_tangent :] - xi[-1], yi[-self.k_tangent :], 1)
+            s[i], e[i] = min(a, 0.0), b
+            if xi.size >= 4:
+                q2, q1, _ = np.polyfit(xi - xi[-1], yi, 2)
+                if q1 < -1e-3:
+                    rho[i] = 2 * q2 / q1
+        zoo_rho = float(np.nanmedian(rho)) if np.isfinite(rho).any() else 0.0
+        out = _nan(n)
+        for i in np.flatnonzero(np.isfinite(s)):
+            out[i] = e[i] + s[i] * self._slope_sum(zoo_rho, xt[i] - x[i][-1])
+        return out, np.column_stack([s, e, rho])
+
+    def _slope_sum(self, rho: float, H: float) -> float:
+        """Sum over the H doublings ahead of the slope multipliers exp(rho (phi + ... + phi^h))."""
+        if H <= 0:
+            return 0.0
+        h = np.arange(1, int(np.ceil(H)) + 1)
+        mult = np.exp(rho * np.cumsum(self.phi**h))
+        weight = np.minimum(1.0, H - (h - 1))  # the last doubling counts pro rata
+        return float(np.sum(mult * weight))
+
+    # -- interval scale from leave-future-out backtests
+    def _sigma(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray) -> np.ndarray:
+        """Zoo backtest error scaled to each horizon ``H`` (doublings); NaN when no backtest is possible."""
+        best = np.full(H.shape, np.nan)
+        m_max = max((xi.size for xi in x), default=0)
+        for b in range(1, m_max - self.min_backtest_points + 1):
+            keep = [i for i in range(len(x)) if x[i].size - b >= self.min_backtest_points]
+            if len(keep) < 2:
+                break
+            xs = [x[i][:-b] for i in keep]
+            pred, _ = self._forecast(xs, [y[i][:-b] for i in keep], np.array([x[i][-1] for i in keep]))
+            err = np.array([y[i][-1] for i in keep]) - pred
+            horizon = float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
+            rms = float(np.sqrt(np.nanmean(err**2)))
+            best = np.fmax(best, rms * (np.maximum(H, 0.0) / horizon) ** self.gamma)
+        return best
+
+    def predict(self, curves: Curves, target: int) -> Prediction:
+        xt = np.log2(_check_target(curves, target))
+        n = len(curves)
+        x, y, errors = [], [], []
+        for i in range(n):
+            D, L = _row_points(curves, i)
+            x.append(np.log2(D))
+            y.append(np.log(L))
+            short = D.size < self.k_tangent
+            errors.append(f"needs at least {self.k_tangent} measured points with D > 0, has {D.size}" if short else None)
+        logL, params = self._forecast(x, y, np.full(n, xt))
+        H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
+        half = stats.norm.ppf(0.5 + LEVEL / 2) * self._sigma(x, y, H)
+        loss = np.exp(logL)
+        return _prediction(curves, loss, np.exp(logL - half), np.exp(logL + half), errors=errors, params=params)
+
+
+SELECTORS: dict[str, type[Selector]] = {
+    cls.name: cls
+    for cls in (
+        ZeroShotSelector, SubTuningSelector, ModelSizeSelector, VanillaSelector, RectifiedSelector,
+        AtSSelector, LensLLMSelector, LensraySelector,
+    )
+}
+
+
+def get_selector(name: str) -> Selector:
+    """A selector by registry name.
+
+    Raises
+    ------
+    LensrayInputError
+        For an unknown name.
+    """
+    try:
+        return SELECTORS[name]()
+    except KeyError:
+        raise LensrayInputError(f"method: unknown selection method {name!r} (choose from {', '.join(SELECTORS)})") from None
