@@ -49,7 +49,9 @@ SECRET_ENV_NAMES = (
     "WANDB_API_KEY",
     "RAY_AUTH_TOKEN",
 )
-_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL)", re.IGNORECASE)
+SECRET_NAME = re.compile(
+    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.IGNORECASE
+)
 _MIN_SECRET_LEN = 6
 REDACTED = "***"
 
@@ -60,7 +62,7 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     values = {
         value
         for name, value in env.items()
-        if (name in SECRET_ENV_NAMES or _SECRET_NAME.search(name)) and len(value) >= _MIN_SECRET_LEN
+        if (name in SECRET_ENV_NAMES or SECRET_NAME.search(name)) and len(value) >= _MIN_SECRET_LEN
     }
     return sorted(values, key=len, reverse=True)
 
