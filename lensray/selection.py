@@ -268,7 +268,8 @@ class LensraySelector(Selector):
        phase slope ``s_i <= 0`` and level ``e_i`` at the last point ``x_i``).
     2. **Zoo-shared steepening**: fine-tuning curves steepen in log-log as they leave the
        pre-power phase. Each curve with at least 4 points gives a relative steepening rate
-       ``rho_i = y''/y'`` from a quadratic fit over its visible points (at its last point);
+       ``rho_i = y''/y'`` at its last point from a quadratic fit over its last
+       ``curvature_window`` points;
        the zoo rate ``rho`` is their median (one number per zoo: sharing strength across
        candidates; a single curve's curvature is too noisy to extrapolate).
     3. **Damped trend** (as in Holt's damped-trend forecasting): after ``h`` more doublings the
@@ -279,7 +280,7 @@ class LensraySelector(Selector):
        run with the last ``b`` points hidden predicts the hidden last point of every curve
        (``b`` doublings ahead); the zoo root-mean-square error ``sigma_b`` of each ``b`` is
        scaled to the target's distance, ``sigma(H) = max_b sigma_b (H / b)^gamma``
-       (``gamma = 1.5``: between slope errors, linear in H, and curvature errors, quadratic),
+       (``gamma = 1.25``: between slope errors, linear in H, and curvature errors, quadratic),
        and the interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``.
 
     Defaults are fixed here, identical for every table; nothing looks at columns beyond the
@@ -288,8 +289,11 @@ class LensraySelector(Selector):
 
     name = "lensray"
 
-    def __init__(self, k_tangent: int = 3, phi: float = 0.7, gamma: float = 1.5, min_backtest_points: int = 4):
-        self.k_tangent, self.phi, self.gamma = k_tangent, phi, gamma
+    def __init__(
+        self, k_tangent: int = 3, curvature_window: int = 5, phi: float = 0.75, gamma: float = 1.25,
+        min_backtest_points: int = 4,
+    ) -> None:
+        self.k_tangent, self.curvature_window, self.phi, self.gamma = k_tangent, curvature_window, phi, gamma
         self.min_backtest_points = min_backtest_points
 
     # -- point forecast
@@ -303,8 +307,9 @@ class LensraySelector(Selector):
                 continue
             a, b = np.polyfit(xi[-self.k_tangent :] - xi[-1], yi[-self.k_tangent :], 1)
             s[i], e[i] = min(a, 0.0), b
-            if xi.size >= 4:
-                q2, q1, _ = np.polyfit(xi - xi[-1], yi, 2)
+            xw, yw = xi[-self.curvature_window :], yi[-self.curvature_window :]
+            if xw.size >= 4:
+                q2, q1, _ = np.polyfit(xw - xi[-1], yw, 2)
                 if q1 < -1e-3:
                     rho[i] = 2 * q2 / q1
         zoo_rho = float(np.nanmedian(rho)) if np.isfinite(rho).any() else 0.0
