@@ -1,0 +1,432 @@
+"""One probe: fine-tune a candidate on D samples of a task and measure its held-out test loss.
+
+``ProbeRunner`` loads a candidate once, keeps a CPU copy of its pre-trained weights, and runs
+any number of probes, each from a fresh copy of those weights. D = 0 measures the zero-shot
+test loss. The test loss is the mean negative log-likelihood per target token over the
+task's fixed test split (prompt and padding tokens carry no loss).
+
+Faults are handled inside the probe and reported in its result, never raised:
+- NaN / infinite loss: retried once at half the learning rate; a second divergence gives
+  status ``"diverged"`` with the step and learning rate in ``error`` (``test_loss`` is None).
+- ``torch.OutOfMemoryError``: retried with half the micro-batch and twice the gradient
+  accumulation (the effective batch, hence the result, is unchanged), down to micro-batch 1;
+  then status ``"failed"``.
+Faults can be injected for tests through ``FaultInjector`` (argument or env
+``LENSRAY_FAULTS="oom_above=2,nan_at_step=3,nan_above_lr=1e-3"``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lensray.data import Encoded, TaskConfig, TaskData, collate, count_tokens, encode, load_task
+from lensray.errors import LensrayInputError
+
+
+class ProbeConfig(BaseModel):
+    """Hyper-parameters of one probe fine-tune (the same for every candidate and size)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
+    epochs: float = Field(3.0, gt=0, description="passes over the subset (fractions allowed)")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="share of the steps with linear warmup")
+    micro_batch: int = Field(16, ge=1, description="samples per forward/backward pass")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    max_steps: int | None = Field(None, ge=1, description="cap on optimiser steps per probe (None: no cap)")
+    patience: int = Field(0, ge=0, description="early stopping: evaluations without validation improvement "
+                                               "before stopping (0: off); the best weights are restored")
+    eval_every: int | None = Field(None, ge=1, description="optimiser steps between validation evaluations "
+                                                           "(default: once per epoch)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping norm (None: off)")
+    bf16: bool = Field(True, description="bf16 autocast on GPU (ignored on CPU)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks cuda when available")
+    seed: int = Field(0, description="default seed: subset, data order, dropout")
+    eval_batch: int = Field(64, ge=1, description="samples per batch when measuring test/validation loss")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: 1 below 20M "
+                                                             "parameters, where threading only adds overhead, "
+                                                             "else all cores)")
+    ntk: bool = Field(False, description="also compute the NTK features (lensray.ntk)")
+    ntk_samples: int = Field(32, ge=2, description="probe-set size n of the NTK Gram matrix")
+    ntk_dim: int = Field(2048, ge=16, description="sketch dimension k of the per-sample gradients")
+
+
+@dataclass
+class ProbeResult:
+    """Outcome of one probe. ``test_loss`` is None unless ``status == "ok"``."""
+
+    model: str
+    n_samples: int
+    status: Literal["ok", "diverged", "failed"]
+    test_loss: float | None
+    steps: int
+    learning_rate: float
+    tokens: int
+    flops: float
+    wall_seconds: float
+    peak_memory_bytes: int
+    n_params: int
+    ntk: dict[str, Any] | None = None
+    error: str | None = None
+    attempts: int = 1
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)
+    seed: int = 0
+    micro_batch: int = 0
+    grad_accum: int = 0
+    kind: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict."""
+        return asdict(self)
+
+
+@dataclass
+class FaultInjector:
+    """Test hook: raise OOM for micro-batches above a size, or make the loss NaN.
+
+    ``nan_at_step`` poisons the loss at that optimiser step (1-based) of every attempt whose
+    learning rate exceeds ``nan_above_lr`` (all attempts when it is None).
+    """
+
+    oom_above: int | None = None
+    nan_at_step: int | None = None
+    nan_above_lr: float | None = None
+
+    @classmethod
+    def from_env(cls) -> "FaultInjector | None":
+        spec = os.environ.get("LENSRAY_FAULTS", "").strip()
+        if not spec:
+            return None
+        kw: dict[str, Any] = {}
+        for item in spec.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in ("oom_above", "nan_at_step", "nan_above_lr"):
+                raise LensrayInputError(f"LENSRAY_FAULTS: unknown fault {key!r}")
+            kw[key] = float(value) if key == "nan_above_lr" else int(value)
+        return cls(**kw)
+
+    def before_micro_step(self, micro_batch: int) -> None:
+        import torch
+
+        if self.oom_above is not None and micro_batch > self.oom_above:
+            raise torch.OutOfMemoryError(f"injected out of memory at micro_batch {micro_batch}")
+
+    def poison(self, step: int, learning_rate: float) -> bool:
+        return (self.nan_at_step is not None and step == self.nan_at_step
+                and (self.nan_above_lr is None or learning_rate > self.nan_above_lr))
+
+
+class _Diverged(Exception):
+    def __init__(self, step: int, value: float):
+        super().__init__(f"loss became {value} at step {step}")
+        self.step = step
+
+
+def _lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _peak_memory(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS (Linux: KiB)
+
+
+class ProbeRunner:
+    """Runs probes of one candidate on one task.
+
+    Parameters
+    ----------
+    model:
+        Hub id, local folder or ``tiny:`` id (see ``lensray.models``).
+    task, probe:
+        Task and probe configurations.
+    trust_remote_code, allow_pickle:
+        Per-candidate opt-ins (see ``lensray.models.load_candidate``).
+    task_data:
+        An already loaded task (shared between runners); loaded from ``task`` when None.
+    faults:
+        Fault injection for tests; defaults to ``FaultInjector.from_env()``.
+    """
+
+    def __init__(self, model: str, task: TaskConfig | None = None, probe: ProbeConfig | None = None,
+                 trust_remote_code: bool = False, allow_pickle: bool = False,
+                 task_data: TaskData | None = None, faults: FaultInjector | None = None):
+        self.model_id = model
+        self.task = task or TaskConfig()
+        self.probe = probe or ProbeConfig()
+        self.trust_remote_code = trust_remote_code
+        self.allow_pickle = allow_pickle
+        self.data = task_data
+        self.faults = faults if faults is not None else FaultInjector.from_env()
+        self._model: Any = None
+
+    # ------------------------------------------------------------------ setup
+
+    def load(self) -> "ProbeRunner":
+        """Load the candidate and the task; raises LensrayInputError before any training."""
+        import torch
+
+        from lensray.models import load_candidate
+
+        if self._model is not None:
+            return self
+        if self.data is None:
+            self.data = load_task(self.task)
+        model, self.tokenizer, self.kind = load_candidate(self.model_id, self.trust_remote_code, self.allow_pickle)
+        want = self.probe.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise LensrayInputError("probe.device is 'cuda' but no GPU is available")
+        self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        self._init_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+        self._model = model.to(self.device)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.pad_id = self.tokenizer.pad_token_id
+        max_len = self.task.max_length
+        self._test = encode(self.data.test, self.tokenizer, self.kind, max_len)
+        self._val = encode(self.data.validation, self.tokenizer, self.kind, max_len)
+        return self
+
+    @property
+    def model(self) -> Any:
+        """The loaded model (weights of the last probe)."""
+        return self.load()._model
+
+    def reset(self) -> None:
+        """Restore the pre-trained weights."""
+        self._model.load_state_dict(self._init_state)
+
+    def _autocast(self) -> Any:
+        import torch
+
+        on_gpu = self.device.type == "cuda" and self.probe.bf16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=on_gpu)
+
+    # ------------------------------------------------------------------ loss
+
+    def _batch_nll(self, batch: dict[str, Any]) -> tuple[Any, int]:
+        """(sum of target-token NLL, number of target tokens) of one collated batch."""
+        import torch.nn.functional as F
+
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with self._autocast():
+            if self.kind == "seq2seq":
+                dec = self._model.prepare_decoder_input_ids_from_labels(labels=labels)
+                logits = self._model(**batch, decoder_input_ids=dec).logits
+            else:
+                logits = self._model(**batch).logits[:, :-1]
+                labels = labels[:, 1:]
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                              ignore_index=-100, reduction="sum")
+        return nll, int((labels != -100).sum())
+
+    def evaluate(self, encoded: list[Encoded]) -> float:
+        """Mean NLL per target token of ``encoded`` under the current weights."""
+        import torch
+
+        self._model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(encoded), self.probe.eval_batch):
+                nll, n = self._batch_nll(collate(encoded[i : i + self.probe.eval_batch], self.pad_id, self.kind))
+                total += float(nll)
+                count += n
+        return total / max(count, 1)
+
+    def test_loss(self) -> float:
+        """Test loss of the current weights."""
+        return self.evaluate(self.load()._test)
+
+    # ------------------------------------------------------------------ training
+
+    def _plan(self, n: int, micro_batch: int, grad_accum: int) -> tuple[int, int]:
+        """(optimiser steps, steps per epoch) for ``n`` samples."""
+        per_step = micro_batch * grad_accum
+        per_epoch = math.ceil(n / per_step)
+        steps = math.ceil(self.probe.epochs * n / per_step)
+        if self.probe.max_steps is not None:
+            steps = min(steps, self.probe.max_steps)
+        return steps, per_epoch
+
+    def _train(self, train: list[Encoded], lr: float, micro_batch: int, grad_accum: int,
+               seed: int) -> tuple[int, int]:
+        """Fine-tune the current weights; returns (optimiser steps, tokens processed)."""
+        import torch
+
+        p = self.probe
+        per_step = micro_batch * grad_accum
+        steps, per_epoch = self._plan(len(train), micro_batch, grad_accum)
+        gen = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        while len(order) < steps * per_step:
+            order += torch.randperm(len(train), generator=gen).tolist()
+        torch.manual_seed(seed)
+        decay = [q for n_, q in self._model.named_parameters() if q.ndim >= 2]
+        no_decay = [q for n_, q in self._model.named_parameters() if q.ndim < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        warmup = int(p.warmup_ratio * steps)
+        eval_every = p.eval_every or per_epoch
+        best, best_state, since_best = math.inf, None, 0
+        tokens = 0
+        done = 0
+        self._model.train()
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * _lr_factor(p.schedule, step, steps, warmup)
+            chunk = [train[i] for i in order[step * per_step : (step + 1) * per_step]]
+            n_target = sum(sum(1 for x in (e.decoder_labels or e.labels) if x != -100) for e in chunk)
+            opt.zero_grad(set_to_none=True)
+            for m in range(0, len(chunk), micro_batch):
+                if self.faults:
+                    self.faults.before_micro_step(micro_batch)
+                micro = chunk[m : m + micro_batch]
+                nll, _ = self._batch_nll(collate(micro, self.pad_id, self.kind))
+                loss = nll / max(n_target, 1)
+                if self.faults and self.faults.poison(step + 1, lr):
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise _Diverged(step + 1, float(loss))
+                loss.backward()
+                tokens += count_tokens(micro)
+            if p.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
+            opt.step()
+            done = step + 1
+            if p.patience and self._val and (done % eval_every == 0 or done == steps):
+                val = self.evaluate(self._val)
+                self._model.train()
+                if not math.isfinite(val):
+                    raise _Diverged(done, val)
+                if val < best:
+                    best, since_best = val, 0
+                    best_state = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
+                else:
+                    since_best += 1
+                    if since_best >= p.patience:
+                        break
+        if best_state is not None:
+            self._model.load_state_dict(best_state)
+        self._model.eval()
+        return done, tokens
+
+    def _ntk(self, steps: int, lr: float, seed: int) -> dict[str, Any] | None:
+        """NTK features of the pre-trained weights on the fixed probe set (current weights must be fresh)."""
+        try:
+            from lensray.ntk import ntk_features
+        except ImportError as exc:  # lensray.ntk is written separately
+            return {"error": f"lensray.ntk unavailable: {exc}"}
+        probe_set = self.data.subset(min(self.probe.ntk_samples, len(self.data.train)), seed=self.task.split_seed)
+        enc = encode(probe_set, self.tokenizer, self.kind, self.task.max_length)
+        batches = [collate([e], self.pad_id, self.kind) for e in enc]
+        return ntk_features(self._model, batches, learning_rate=lr, steps=steps, dim=self.probe.ntk_dim,
+                            seed=seed, loss_fn=self._per_sample_loss)
+
+    def _per_sample_loss(self, model: Any, batch: dict[str, Any]) -> Any:
+        """Mean target-token NLL of each sample of ``batch`` (shape (b,)); used by lensray.ntk."""
+        import torch.nn.functional as F
+
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        if self.kind == "seq2seq":
+            logits = model(**batch, decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
+        else:
+            logits = model(**batch).logits[:, :-1]
+            labels = labels[:, 1:]
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+
+    def run(self, n_samples: int, seed: int | None = None) -> ProbeResult:
+        """Fine-tune a fresh copy of the pre-trained weights on ``n_samples`` and measure the test loss.
+
+        Raises LensrayInputError for a subset larger than the train split; faults during
+        training are reported in the result (see the module docstring).
+        """
+        import torch
+
+        self.load()
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.probe.cpu_threads or (1 if self.n_params < 20_000_000 else os.cpu_count() or 1))
+        try:
+            return self._run(n_samples, self.probe.seed if seed is None else seed)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, n_samples: int, seed: int) -> ProbeResult:
+        import torch
+
+        subset = self.data.subset(n_samples, seed)
+        train = encode(subset, self.tokenizer, self.kind, self.task.max_length)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        lr, mb, ga = self.probe.learning_rate, self.probe.micro_batch, self.probe.grad_accum
+        log: list[dict[str, Any]] = []
+        halved_lr = False
+        status, error, steps, tokens, loss = "ok", None, 0, 0, None
+        while True:
+            self.reset()
+            try:
+                steps, tokens = self._train(train, lr, mb, ga, seed) if n_samples else (0, 0)
+                loss = self.test_loss()
+                if not math.isfinite(loss):
+                    raise _Diverged(steps, loss)
+                log.append({"learning_rate": lr, "micro_batch": mb, "grad_accum": ga, "outcome": "ok", "step": steps})
+                status, error = "ok", None
+                break
+            except _Diverged as exc:
+                log.append({"learning_rate": lr, "micro_batch": mb, "grad_accum": ga, "outcome": "diverged",
+                            "step": exc.step})
+                status, loss = "diverged", None
+                error = f"loss not finite at step {exc.step} with learning rate {lr:g}"
+                if halved_lr:
+                    break
+                lr, halved_lr = lr / 2, True
+            except torch.OutOfMemoryError:
+                log.append({"learning_rate": lr, "micro_batch": mb, "grad_accum": ga, "outcome": "oom", "step": None})
+                status, loss = "failed", None
+                error = f"out of memory at micro_batch {mb} (grad_accum {ga})"
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if mb == 1:
+                    break
+                mb, ga = max(1, mb // 2), ga * 2
+        ntk = None
+        if self.probe.ntk and status == "ok":
+            self.reset()
+            ntk = self._ntk(steps, lr, seed)
+        wall = time.perf_counter() - start
+        return ProbeResult(
+            model=self.model_id, n_samples=n_samples, status=status, test_loss=loss, steps=steps,
+            learning_rate=lr, tokens=tokens, flops=6.0 * self.n_params * tokens, wall_seconds=wall,
+            peak_memory_bytes=_peak_memory(self.device), n_params=self.n_params, ntk=ntk, error=error,
+            attempts=len(log), attempt_log=log, seed=seed, micro_batch=mb, grad_accum=ga, kind=self.kind,
+        )
+
+
+def run_probe(model: str, task: TaskConfig | None, probe: ProbeConfig | None, n_samples: int,
+              seed: int | None = None, **kw: Any) -> ProbeResult:
+    """One-off probe: load ``model`` and run a single probe of ``n_samples``."""
+    return ProbeRunner(model, task, probe, **kw).run(n_samples, seed)
