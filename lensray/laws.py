@@ -12,10 +12,11 @@ Fitting (identical machinery for every law)
 * Loss: least squares on log L, i.e. relative errors; NaN entries of ``L`` are missing points
   (weight 0), per curve.
 * Parameters are optimised in an internal, bounded, well-scaled parameterisation:
-  rectified uses L = A / (1 + (D / D0)^beta) + E with (log A, log D0, log beta, log E), so
+  rectified uses L = A / (1 + (D / D0)^beta) + E with (log A, log D0, log beta, E), so
   that D0 (the size where the power phase starts) lives on the log-D axis; then
-  D_l = D0^beta and B = A D_l. Vanilla uses (log B, log beta, log E, log alpha). Positivity
-  comes from the logs, ranges from box bounds.
+  D_l = D0^beta and B = A D_l. E >= 0 is kept linear so that E = 0 is reachable (a log E
+  would crawl towards -inf). Vanilla uses (log B, log beta, log E, log alpha). Positivity
+  comes from the logs and box bounds (``_lo``/``_hi`` of each law).
 * Starts: a grid over the nonlinear parameters where the linear ones are solved in closed form
   (variable projection: for fixed (D0, beta) the rectified law is linear in (A, E); a 2x2
   weighted non-negative least-squares per grid point, weights 1/L approximating log space).
@@ -25,8 +26,12 @@ Fitting (identical machinery for every law)
   (parameters at a bound whose gradient points outward are frozen for that step).
   The best start per curve wins.
 * A curve with fewer valid points than parameters, or whose fit is not finite, gets
-  ``converged_ = False``, NaN parameters and NaN predictions; the rest of the batch is fitted.
-  ``converged_`` is also False when the optimiser stopped on its iteration limit.
+  ``fitted_ = converged_ = False``, NaN parameters and NaN predictions; the rest of the batch
+  is fitted. A curve still moving at the iteration limit keeps its (best so far) parameters and
+  predictions, ``fitted_ = True`` but ``converged_ = False`` (seen only with the vanilla law,
+  whose parameters are degenerate along long valleys).
+* Also returned: ``n_points_`` (valid points per curve) and ``residuals_`` (log space, NaN
+  where missing).
 
 Predictive interval (``predict_interval``)
 ------------------------------------------
@@ -87,11 +92,14 @@ def _check_inputs(D, L) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------- optimiser
 
 
-def _levenberg_marquardt(model, theta, lo, hi, y, w, max_iter=400, tol=1e-9):
+def _levenberg_marquardt(model, theta, lo, hi, y, w, max_iter=400, tol=1e-9, gtol=1e-5):
     """Batched, box-bounded Levenberg–Marquardt on sum_j (w_ij (model_ij - y_ij))^2.
 
     ``model(theta_rows, rows) -> (yhat (k, m), J (k, m, p))`` evaluates the rows listed in
-    ``rows`` at parameters ``theta_rows``. Returns (theta, cost, stopped_on_tolerance).
+    ``rows`` at parameters ``theta_rows``. A row stops when an accepted step gains less than
+    ``tol`` of its cost, when its gradient is ~orthogonal to the residual (``gtol``), or when no
+    damping gives a descent step. Returns (theta, cost, stopped_on_a_test), the last False
+    for rows still moving at ``max_iter``.
     """
     N, p = theta.shape
     theta = np.clip(theta, lo, hi)
@@ -117,6 +125,11 @@ def _levenberg_marquardt(model, theta, lo, hi, y, w, max_iter=400, tol=1e-9):
         H = np.where(mask2, H, 0.0)
         g = np.where(free, g, 0.0)
         d = np.einsum("kpp->kp", H)
+        # first-order optimality (MINPACK's gtol): every free Jacobian column ~orthogonal to r
+        cosine = np.abs(g) / np.sqrt(d * cost[act, None] + 1e-300)
+        stationary = np.max(cosine, axis=1) <= gtol
+        ok[act[stationary]] = True
+        done[act[stationary]] = True
         scale = np.maximum(d, 1e-12 * (d.max(axis=1, keepdims=True) + 1e-300))
         A = H + (lam[act, None] * scale + (~free) * 1.0)[:, :, None] * eye
         try:
@@ -368,12 +381,12 @@ class RectifiedLaw(ScalingLaw):
     name = "rectified"
     param_names = ("B", "D_l", "beta", "E")
     # internal: log A, log D0, log beta, log E with L = A / (1 + (D/D0)^beta) + E
-    _lo = np.array([np.log(1e-8), -40.0, np.log(0.01), np.log(1e-8)])
-    _hi = np.array([np.log(1e3), 40.0, np.log(3.0), np.log(1e3)])
+    _lo = np.array([np.log(1e-8), -40.0, np.log(0.01), 0.0])
+    _hi = np.array([np.log(1e3), 40.0, np.log(3.0), 1e3])
 
     def _model(self, theta, D, rows, K=None):
         a, c, b, e = (theta[:, i : i + 1] for i in range(4))
-        A, beta, E = np.exp(a), np.exp(b), np.exp(e)
+        A, beta, E = np.exp(a), np.exp(b), e
         pos = D > 0
         xc = np.where(pos, _logD(np.where(pos, D, 1.0)) - c, 0.0)  # log(D / D0)
         z = np.where(pos, np.exp(np.minimum(beta * xc, _EXP_MAX)), 0.0)
@@ -383,7 +396,7 @@ class RectifiedLaw(ScalingLaw):
         Ah_M = A * h / M
         zh = z * h
         J = np.stack(
-            [Ah_M, Ah_M * beta * zh, -Ah_M * zh * xc * beta, E / M], axis=-1
+            [Ah_M, Ah_M * beta * zh, -Ah_M * zh * xc * beta, np.broadcast_to(1.0 / M, M.shape)], axis=-1
         )
         return y, J
 
@@ -402,11 +415,11 @@ class RectifiedLaw(ScalingLaw):
         Lb, mb = L[:, None, :], mask[:, None, :]
         A, E = _wls_two(h[None], Lb, mb)  # (n, G)
         A = np.clip(A, np.exp(self._lo[0]), np.exp(self._hi[0]))
-        E = np.clip(E, np.exp(self._lo[3]), np.exp(self._hi[3]))
+        E = np.clip(E, self._lo[3], self._hi[3])
         cost = _log_cost(np.log(A[..., None] * h[None] + E[..., None]), Lb, mb)
         n, G = A.shape
         params = np.stack(
-            [np.log(A), np.broadcast_to(cg, (n, G)), np.broadcast_to(np.log(bg), (n, G)), np.log(E)], -1
+            [np.log(A), np.broadcast_to(cg, (n, G)), np.broadcast_to(np.log(bg), (n, G)), E], -1
         )
         return np.clip(_top_starts(cost, params, self.n_starts), self._lo, self._hi)
 
@@ -414,7 +427,7 @@ class RectifiedLaw(ScalingLaw):
         a, c, b, e = theta.T
         beta = np.exp(b)
         Dl = np.exp(beta * c)
-        return np.stack([np.exp(a) * Dl, Dl, beta, np.exp(e)], axis=1)
+        return np.stack([np.exp(a) * Dl, Dl, beta, e], axis=1)
 
 
 # ----------------------------------------------------------------------------- vanilla
@@ -493,8 +506,8 @@ class LensLLMLaw(RectifiedLaw):
     gamma_grid = np.linspace(-4.0, 8.0, 13)  # log10 of gamma * median(F)
 
     # phase-mode internals: log B, log beta, log E, with K = gamma F fixed
-    _lo_phase = np.array([-40.0, np.log(0.01), np.log(1e-8)])
-    _hi_phase = np.array([80.0, np.log(3.0), np.log(1e3)])
+    _lo_phase = np.array([-40.0, np.log(0.01), 0.0])
+    _hi_phase = np.array([80.0, np.log(3.0), 1e3])
 
     @property
     def _phase(self) -> bool:
@@ -547,14 +560,14 @@ class LensLLMLaw(RectifiedLaw):
         if K is None:
             K = self._K[rows]
         q, b, e = (theta[:, i : i + 1] for i in range(3))
-        B, beta, E = np.exp(q), np.exp(b), np.exp(e)
+        B, beta, E = np.exp(q), np.exp(b), e
         pos = D > 0
         x = np.where(pos, _logD(np.where(pos, D, 1.0)), 0.0)
         z = np.where(pos, np.exp(np.minimum(beta * x, _EXP_MAX)), 0.0)
         P = K + z
         BP = B / P
         M = BP + E
-        J = np.stack([BP / M, -BP / P * z * x * beta / M, E / M], axis=-1)
+        J = np.stack([BP / M, -BP / P * z * x * beta / M, np.broadcast_to(1.0 / M, M.shape)], axis=-1)
         return np.log(M), J
 
     def _starts(self, D, L, mask, rows):
@@ -568,17 +581,17 @@ class LensLLMLaw(RectifiedLaw):
         Lb, mb = L[:, None, :], mask[:, None, :]
         B, E = _wls_two(h, Lb, mb)
         B = np.clip(B, np.exp(self._lo_phase[0]), np.exp(self._hi_phase[0]))
-        E = np.clip(E, np.exp(self._lo_phase[2]), np.exp(self._hi_phase[2]))
+        E = np.clip(E, self._lo_phase[2], self._hi_phase[2])
         cost = _log_cost(np.log(B[..., None] * h + E[..., None]), Lb, mb)
         n, G = B.shape
-        params = np.stack([np.log(B), np.broadcast_to(np.log(bs), (n, G)), np.log(E)], -1)
+        params = np.stack([np.log(B), np.broadcast_to(np.log(bs), (n, G)), E], -1)
         return np.clip(_top_starts(cost, params, self.n_starts), self._lo, self._hi)
 
     def _natural(self, theta, rows):
         if not self._phase:
             return super()._natural(theta, rows)
         Fcol = self.gamma_ * self.F_[rows] if self._per_curve else np.full(len(rows), np.nan)
-        return np.column_stack([np.exp(theta[:, 0]), Fcol, np.exp(theta[:, 1]), np.exp(theta[:, 2])])
+        return np.column_stack([np.exp(theta[:, 0]), Fcol, np.exp(theta[:, 1]), theta[:, 2]])
 
     def _new_K(self, D, F):
         if not self._phase:
