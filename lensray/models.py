@@ -198,10 +198,11 @@ def _hub_folder(model_id: str, allow_pickle: bool) -> Path:
     try:
         return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=local_only))
     except Exception as exc:
-        where = "is not in the local Hugging Face cache and the hub is unreachable (offline)" if local_only \
-            else "could not be fetched from the hub"
+        if local_only:
+            raise LensrayInputError(f"model {model_id!r} is not in the local Hugging Face cache and the hub is "
+                                    "unreachable or HF_HUB_OFFLINE is set") from exc
         reason = " ".join(str(exc).split())[:200]
-        raise LensrayInputError(f"model {model_id!r} {where}: {reason}") from exc
+        raise LensrayInputError(f"model {model_id!r} could not be fetched from the hub: {reason}") from exc
 
 
 def resolve_model_dir(model_id: str, allow_pickle: bool = False) -> Path:
@@ -210,6 +211,8 @@ def resolve_model_dir(model_id: str, allow_pickle: bool = False) -> Path:
         return ensure_tiny(model_id)
     path = Path(os.path.expanduser(model_id))
     if path.exists() or model_id.startswith((".", "/", "~")):
+        if not path.exists():
+            raise LensrayInputError(f"model path {model_id} does not exist")
         if not path.is_dir():
             raise LensrayInputError(f"model path {model_id} is not a folder")
         return path

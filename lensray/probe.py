@@ -57,7 +57,8 @@ class ProbeConfig(BaseModel):
                                                              "else all cores)")
     ntk: bool = Field(False, description="also compute the NTK features (lensray.ntk)")
     ntk_samples: int = Field(32, ge=2, description="probe-set size n of the NTK Gram matrix")
-    ntk_dim: int = Field(2048, ge=16, description="sketch dimension k of the per-sample gradients")
+    ntk_dim: int | None = Field(None, ge=16, description="sketch dimension k of the per-sample gradients "
+                                                          "(default: lensray.ntk's)")
 
 
 @dataclass
@@ -331,31 +332,20 @@ class ProbeRunner:
         self._model.eval()
         return done, tokens
 
-    def _ntk(self, steps: int, lr: float, seed: int) -> dict[str, Any] | None:
-        """NTK features of the pre-trained weights on the fixed probe set (current weights must be fresh)."""
-        try:
-            from lensray.ntk import ntk_features
-        except ImportError as exc:  # lensray.ntk is written separately
-            return {"error": f"lensray.ntk unavailable: {exc}"}
-        probe_set = self.data.subset(min(self.probe.ntk_samples, len(self.data.train)), seed=self.task.split_seed)
-        enc = encode(probe_set, self.tokenizer, self.kind, self.task.max_length)
-        batches = [collate([e], self.pad_id, self.kind) for e in enc]
-        return ntk_features(self._model, batches, learning_rate=lr, steps=steps, dim=self.probe.ntk_dim,
-                            seed=seed, loss_fn=self._per_sample_loss)
+    def _ntk(self, steps: int, lr: float, seed: int) -> dict[str, Any]:
+        """NTK features (``lensray.ntk``) of the current weights on the fixed probe set.
 
-    def _per_sample_loss(self, model: Any, batch: dict[str, Any]) -> Any:
-        """Mean target-token NLL of each sample of ``batch`` (shape (b,)); used by lensray.ntk."""
-        import torch.nn.functional as F
+        The probe set is the first ``ntk_samples`` rows of the train pool under the task's
+        split seed: the same X for every probe size and every candidate.
+        """
+        from lensray.ntk import ntk_features
 
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        labels = batch.pop("labels")
-        if self.kind == "seq2seq":
-            logits = model(**batch, decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
-        else:
-            logits = model(**batch).logits[:, :-1]
-            labels = labels[:, 1:]
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        return nll.sum(1) / (labels != -100).sum(1).clamp(min=1)
+        n = min(self.probe.ntk_samples, len(self.data.train))
+        enc = encode(self.data.subset(n, seed=self.task.split_seed), self.tokenizer, self.kind, self.task.max_length)
+        kw = {"sketch_dim": self.probe.ntk_dim} if self.probe.ntk_dim else {}
+        feats = ntk_features(self._model, collate(enc, self.pad_id, self.kind), learning_rate=lr, steps=steps,
+                             n_samples=n, seed=seed, device=self.device, **kw)
+        return feats.to_dict()
 
     def run(self, n_samples: int, seed: int | None = None) -> ProbeResult:
         """Fine-tune a fresh copy of the pre-trained weights on ``n_samples`` and measure the test loss.
@@ -416,7 +406,10 @@ class ProbeRunner:
         ntk = None
         if self.probe.ntk and status == "ok":
             self.reset()
-            ntk = self._ntk(steps, lr, seed)
+            try:
+                ntk = self._ntk(steps, lr, seed)
+            except FloatingPointError as exc:
+                error = f"ntk: {exc}"
         wall = time.perf_counter() - start
         return ProbeResult(
             model=self.model_id, n_samples=n_samples, status=status, test_loss=loss, steps=steps,
