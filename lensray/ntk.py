@@ -11,11 +11,12 @@ Operational definition (DESIGN.md §2):
 - **Kernel**: ``Θ_ij = ⟨∇θ f_i, ∇θ f_j⟩`` over all trainable parameters, estimated as
   ``Θ = G Gᵀ`` where row ``G_i = S ∇θ f_i`` is the gradient compressed to ``k`` dimensions by a
   seeded **CountSketch** ``S``: parameter element ``e`` of tensor ``τ`` goes to bucket ``h_τ(e)``
-  with sign ``s_τ(e)``, both drawn from a torch generator seeded by ``(seed, τ, chunk)``. ``E[SᵀS] = I``, so every entry of Θ is unbiased with variance
-  ``(‖g_i‖²‖g_j‖² + ⟨g_i,g_j⟩² − 2Σ g_i²g_j²)/k``. The sketch is streamed: one backward per
+  with sign ``s_τ(e)``, both drawn from a torch generator seeded by ``(seed, τ, chunk)``.
+  ``E[SᵀS] = I``, so every entry of Θ is unbiased with variance
+  ``(‖g_i‖²‖g_j‖² + ⟨g_i,g_j⟩² − 2Σ g_i²g_j²)/k`` (see ``DEFAULT_SKETCH_DIM`` for the error). The sketch is streamed: one backward per
   sample, and a post-accumulate-grad hook on each parameter adds the sketch of that tensor's
   gradient to ``G_i`` and frees the gradient at once, so memory beyond the model and its
-  activations is ``O(n·k)`` plus one tensor's gradient (hashed in chunks of ``CHUNK`` elements);
+  activations is ``O(n·k)`` plus one tensor's gradient (sketched in chunks of ``CHUNK`` elements);
   no ``P×k`` matrix and no full gradient vector ever exists.
 - **Residual after t steps**: ``F(Θ, t) = ‖expm(−η Θ t) r₀‖²`` with the true matrix exponential
   through the eigendecomposition ``Θ = V diag(λ) Vᵀ`` (tiny negative eigenvalues clipped to 0):
@@ -31,8 +32,8 @@ The model is used in eval mode (no dropout) and left as found: training mode, pa
 from __future__ import annotations
 
 from contextlib import contextmanager
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ orthogonal equal-norm gradients): ≤ 3.2 % for n = 32 and ≤ 6.3 % for n = 128
 Memory of the accumulator: n·2k float32 = 8 MiB for n = 32."""
 
 CHUNK = 1 << 20
-"""Elements of one gradient tensor hashed at a time (bounds the int64 temporaries)."""
+"""Elements of one gradient tensor sketched at a time (bounds the int64 bucket temporaries)."""
 
 
 @dataclass
@@ -348,9 +349,13 @@ def _has_targets(row: dict[str, torch.Tensor], encoder_decoder: bool) -> bool:
     return bool((targets != -100).any())
 
 
+def _is_encoder_decoder(model: torch.nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def per_sample_nll(model: torch.nn.Module, row: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Per-token mean NLL of one (trimmed) sample's target tokens, from the logits."""
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = _is_encoder_decoder(model)
     ids = row["input_ids"].unsqueeze(0).to(device)
     attn = row["attention_mask"].unsqueeze(0).to(device)
     labels = row["labels"].unsqueeze(0).to(device)
@@ -396,7 +401,7 @@ def ntk_features(
     if not np.isfinite(steps) or steps < 0:
         raise LensrayInputError(f"ntk steps: must be finite and >= 0, got {steps}")
     start = time.perf_counter()
-    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    encoder_decoder = _is_encoder_decoder(model)
     rows = [_trim(r, encoder_decoder) for r in _as_samples(batch_or_samples)]
     usable = [r for r in rows if _has_targets(r, encoder_decoder)]
     skipped = len(rows) - len(usable)
