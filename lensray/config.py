@@ -17,32 +17,15 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lensray.data import TaskConfig
 from lensray.errors import LensrayInputError
-
-try:  # the probe layer owns these; a permissive stand-in keeps configs loadable until it lands
-    from lensray.data import TaskConfig
-except ImportError:  # pragma: no cover - removed once lensray.data exists
-
-    class TaskConfig(BaseModel):  # type: ignore[no-redef]
-        """Stand-in for ``lensray.data.TaskConfig`` (not yet available)."""
-
-        model_config = ConfigDict(extra="allow")
-
-
-try:
-    from lensray.probe import ProbeConfig
-except ImportError:  # pragma: no cover - removed once lensray.probe exists
-
-    class ProbeConfig(BaseModel):  # type: ignore[no-redef]
-        """Stand-in for ``lensray.probe.ProbeConfig`` (not yet available)."""
-
-        model_config = ConfigDict(extra="allow")
-
+from lensray.probe import ProbeConfig
+from lensray.selection import SELECTORS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-PREDICTORS = ("zeroshot", "subtuning", "modelsize", "vanilla", "rectified", "ats", "lensllm", "lensray")
+PREDICTORS = tuple(SELECTORS)
 MIN_GRID_POINTS = 3
 MAX_GRID_POINTS = 64
 

@@ -153,3 +153,41 @@ def test_flan_zoo_matches_the_benchmark_table(benchmarks_dir):
         names = [row["config name"] for row in csv.DictReader(fh)]
     flan = load_config(REPO / "configs" / "flan-zoo.yaml")
     assert sorted(c.source for c in flan.zoo) == sorted(names)
+
+
+CLI_CASES = [
+    ("zoo: [{id: a, gpu: 1}]\n", "zoo[0].gpu: unknown key; did you mean 'gpus'?"),
+    ("zoo: [{id: a, workers: many}]\n", "zoo[0].workers: "),
+    ("zoo: [{id: a}]\ntarget_samples: 3200\n", "grid.max_samples: 3200 must be smaller than target_samples"),
+    ("zoo: [{id: a}]\ngrid: {start: 1000, max_samples: 3200}\n", "grid: 2 subset size(s)"),
+    ("zoo: []\n", "zoo: empty"),
+    ("zoo: [{id: a}, {id: a}]\n", "zoo[1].id: duplicate candidate id 'a'"),
+    ("zoo: [{id: a}\n", "config: YAML syntax error"),
+    ("zoo: [{id: a}]\ntask: {max_lenght: 64}\n", "task.max_lenght: unknown key; did you mean 'max_length'?"),
+    ("zoo: [{id: a}]\nprobe: {learning_rate: -1}\n", "probe.learning_rate: "),
+]
+
+
+@pytest.mark.parametrize("text, start", CLI_CASES)
+def test_screen_cli_exits_2_with_one_line_before_ray(tmp_path, monkeypatch, capsys, text, start):
+    import ray
+
+    from lensray.cli import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an invalid config")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert main(["screen", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {start}"), err
+    assert not (tmp_path / "out").exists(), "nothing is written for an invalid config"
+
+
+def test_screen_cli_missing_config_file(tmp_path, capsys):
+    from lensray.cli import main
+
+    assert main(["screen", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: config: file not found: {tmp_path / 'missing.yaml'}"
