@@ -203,11 +203,17 @@ class ScalingLaw:
         return len(self.param_names)
 
     def _prepare(self, D, L):
+        """Checked inputs with each curve divided by its geometric-mean loss ``_scale``.
+
+        Log-space fits are equivariant to this scaling, so bounds hold in relative units.
+        """
         D, L = _check_inputs(D, L)
         mask = np.isfinite(L)
         if not self._uses_zero:
             mask &= (D > 0)[None, :]
-        return D, L, mask
+        logL = np.where(mask, np.log(np.where(mask, L, 1.0)), 0.0)
+        self._scale = np.exp(logL.sum(axis=1) / np.maximum(mask.sum(axis=1), 1))
+        return D, L / self._scale[:, None], mask
 
     def _fit_batch(self, D, L, mask):
         """Fit every curve with enough points; returns theta (n, p) NaN where not fitted, and flags."""
@@ -301,7 +307,7 @@ class ScalingLaw:
             y[idx], J[idx] = yi, Ji
         if not self._uses_zero:
             y[:, D <= 0] = np.nan
-        return y, J
+        return y + np.log(self._scale)[:, None], J
 
     def predict(self, D, F=None) -> np.ndarray:
         """Predicted loss (n, len(D)); NaN for curves that could not be fitted.
@@ -425,9 +431,10 @@ class RectifiedLaw(ScalingLaw):
 
     def _natural(self, theta, rows):
         a, c, b, e = theta.T
+        s = self._scale[rows]
         beta = np.exp(b)
         Dl = np.exp(beta * c)
-        return np.stack([np.exp(a) * Dl, Dl, beta, e], axis=1)
+        return np.stack([s * np.exp(a) * Dl, Dl, beta, s * e], axis=1)
 
 
 # ----------------------------------------------------------------------------- vanilla
@@ -486,7 +493,9 @@ class PowerLaw(ScalingLaw):
         return _top_starts(cost, params, self.n_starts)
 
     def _natural(self, theta, rows):
-        return np.exp(theta)
+        B, beta, E, alpha = np.exp(theta).T
+        s = self._scale[rows] ** (1.0 / alpha)  # L = s (..)^alpha = (s^(1/alpha) ..)^alpha
+        return np.stack([B / s, beta, E * s, alpha], axis=1)
 
 
 # ----------------------------------------------------------------------------- lensllm
@@ -591,7 +600,8 @@ class LensLLMLaw(RectifiedLaw):
         if not self._phase:
             return super()._natural(theta, rows)
         Fcol = self.gamma_ * self.F_[rows] if self._per_curve else np.full(len(rows), np.nan)
-        return np.column_stack([np.exp(theta[:, 0]), Fcol, np.exp(theta[:, 1]), theta[:, 2]])
+        s = self._scale[rows]
+        return np.column_stack([s * np.exp(theta[:, 0]), Fcol, np.exp(theta[:, 1]), s * theta[:, 2]])
 
     def _new_K(self, D, F):
         if not self._phase:

@@ -211,3 +211,12 @@ def test_benchmark_table_rmse(benchmarks_dir, table, reference, all_points_max):
     assert positive.converged_.all()
     assert positive.rmse_.mean() <= reference
     assert all_points.rmse_.mean() <= all_points_max
+
+
+@pytest.mark.parametrize("name", sorted(LAWS))
+def test_fit_is_equivariant_to_loss_units(name):
+    _, L = synthetic_rectified(3, seed=10, noise=0.005)
+    a = get_law(name).fit(D_GRID, L)
+    b = get_law(name).fit(D_GRID, 500.0 * L)  # e.g. a loss summed over tokens instead of averaged
+    np.testing.assert_allclose(b.rmse_, a.rmse_, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(b.predict([1e6]), 500.0 * a.predict([1e6]), rtol=1e-6)
