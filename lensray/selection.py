@@ -278,10 +278,11 @@ class LensraySelector(Selector):
        ``H_i = log2(target) - x_i`` doublings (the last, fractional one pro rata).
     4. **Interval** (90 %): leave-future-out backtests on the visible data: the same predictor
        run with the last ``b`` points hidden predicts the hidden last point of every curve
-       (``b`` doublings ahead); the zoo root-mean-square error ``sigma_b`` of each ``b`` is
-       scaled to the target's distance, ``sigma(H) = max_b sigma_b (H / b)^gamma``
-       (``gamma = 1.25``: between slope errors, linear in H, and curvature errors, quadratic),
-       and the interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``.
+       (``b`` doublings ahead, ``b = 1, 2, ...`` while ``min_backtest_points`` remain); the
+       zoo root-mean-square error ``sigma_b`` of each ``b`` is scaled to the target's distance,
+       ``sigma_b (H / b)^gamma`` (``gamma = 1.5``: between slope errors, linear in H, and
+       curvature errors, quadratic), these are pooled by root mean square over ``b``, and the
+       interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``.
 
     Defaults are fixed here, identical for every table; nothing looks at columns beyond the
     budget.
@@ -290,7 +291,7 @@ class LensraySelector(Selector):
     name = "lensray"
 
     def __init__(
-        self, k_tangent: int = 3, curvature_window: int = 5, phi: float = 0.75, gamma: float = 1.25,
+        self, k_tangent: int = 3, curvature_window: int = 5, phi: float = 0.75, gamma: float = 1.5,
         min_backtest_points: int = 4,
     ) -> None:
         self.k_tangent, self.curvature_window, self.phi, self.gamma = k_tangent, curvature_window, phi, gamma
@@ -330,7 +331,7 @@ class LensraySelector(Selector):
     # -- interval scale from leave-future-out backtests
     def _sigma(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray) -> np.ndarray:
         """Zoo backtest error scaled to each horizon ``H`` (doublings); NaN when no backtest is possible."""
-        best = np.full(H.shape, np.nan)
+        scaled = []
         m_max = max((xi.size for xi in x), default=0)
         for b in range(1, m_max - self.min_backtest_points + 1):
             keep = [i for i in range(len(x)) if x[i].size - b >= self.min_backtest_points]
@@ -341,8 +342,10 @@ class LensraySelector(Selector):
             err = np.array([y[i][-1] for i in keep]) - pred
             horizon = float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
             rms = float(np.sqrt(np.nanmean(err**2)))
-            best = np.fmax(best, rms * (np.maximum(H, 0.0) / horizon) ** self.gamma)
-        return best
+            scaled.append(rms * (np.maximum(H, 0.0) / horizon) ** self.gamma)
+        if not scaled:
+            return np.full(H.shape, np.nan)
+        return np.sqrt(np.mean(np.square(scaled), axis=0))
 
     def predict(self, curves: Curves, target: int) -> Prediction:
         xt = np.log2(_check_target(curves, target))
