@@ -269,20 +269,20 @@ class LensraySelector(Selector):
     2. **Zoo-shared steepening**: fine-tuning curves steepen in log-log as they leave the
        pre-power phase. Each curve with at least 4 points gives a relative steepening rate
        ``rho_i = y''/y'`` at its last point from a quadratic fit over its last
-       ``curvature_window`` points;
-       the zoo rate ``rho`` is their median (one number per zoo: sharing strength across
-       candidates; a single curve's curvature is too noisy to extrapolate).
+       ``curvature_window`` points; the zoo rate ``rho`` is their median (one number per zoo:
+       sharing strength across candidates; one curve's curvature is too noisy to extrapolate).
     3. **Damped trend** (as in Holt's damped-trend forecasting): after ``h`` more doublings the
        slope is ``s_i exp(rho (phi + phi^2 + ... + phi^h))``, so the steepening fades with
        damping ``phi``; log L at the target is ``e_i`` plus the sum of these slopes over the
        ``H_i = log2(target) - x_i`` doublings (the last, fractional one pro rata).
     4. **Interval** (90 %): leave-future-out backtests on the visible data: the same predictor
        run with the last ``b`` points hidden predicts the hidden last point of every curve
-       (``b`` doublings ahead, ``b = 1, 2, ...`` while ``min_backtest_points`` remain); the
+       (``b`` doublings ahead, ``b = 1, 2, ...`` while ``k_tangent`` points remain); the
        zoo root-mean-square error ``sigma_b`` of each ``b`` is scaled to the target's distance,
        ``sigma_b (H / b)^gamma`` (``gamma = 1.5``: between slope errors, linear in H, and
        curvature errors, quadratic), these are pooled by root mean square over ``b``, and the
-       interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``.
+       interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``; NaN when no curve has more than
+       ``k_tangent`` points (nothing to backtest).
 
     Defaults are fixed here, identical for every table; nothing looks at columns beyond the
     budget.
@@ -291,11 +291,9 @@ class LensraySelector(Selector):
     name = "lensray"
 
     def __init__(
-        self, k_tangent: int = 3, curvature_window: int = 5, phi: float = 0.75, gamma: float = 1.5,
-        min_backtest_points: int = 4,
+        self, k_tangent: int = 3, curvature_window: int = 5, phi: float = 0.75, gamma: float = 1.5
     ) -> None:
         self.k_tangent, self.curvature_window, self.phi, self.gamma = k_tangent, curvature_window, phi, gamma
-        self.min_backtest_points = min_backtest_points
 
     # -- point forecast
     def _forecast(self, x: list[np.ndarray], y: list[np.ndarray], xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -333,8 +331,8 @@ class LensraySelector(Selector):
         """Zoo backtest error scaled to each horizon ``H`` (doublings); NaN when no backtest is possible."""
         scaled = []
         m_max = max((xi.size for xi in x), default=0)
-        for b in range(1, m_max - self.min_backtest_points + 1):
-            keep = [i for i in range(len(x)) if x[i].size - b >= self.min_backtest_points]
+        for b in range(1, m_max - self.k_tangent + 1):
+            keep = [i for i in range(len(x)) if x[i].size - b >= self.k_tangent]
             if len(keep) < 2:
                 break
             xs = [x[i][:-b] for i in keep]
