@@ -215,8 +215,11 @@ class ScalingLaw:
         self._scale = np.exp(logL.sum(axis=1) / np.maximum(mask.sum(axis=1), 1))
         return D, L / self._scale[:, None], mask
 
-    def _fit_batch(self, D, L, mask):
-        """Fit every curve with enough points; returns theta (n, p) NaN where not fitted, and flags."""
+    def _fit_batch(self, D, L, mask, warm=None):
+        """Fit every curve with enough points; returns theta (n, p) NaN where not fitted, flags, cost.
+
+        ``warm`` (n, p): extra start per curve (rows with NaN fall back to the grid starts).
+        """
         n, p = L.shape[0], self._lo.size
         y = np.where(mask, np.log(np.where(mask, L, 1.0)), 0.0)
         w = mask.astype(float)
@@ -227,6 +230,10 @@ class ScalingLaw:
         idx = np.flatnonzero(enough)
         if idx.size:
             starts = self._starts(D, L[idx], mask[idx], idx)  # (k, S, p)
+            if warm is not None:
+                w0 = warm[idx]
+                w0 = np.where(np.isfinite(w0), w0, starts[:, 0])
+                starts = np.concatenate([w0[:, None], starts], axis=1)
             k, S, _ = starts.shape
             rows_of = np.repeat(idx, S)
             th, c, ok = _levenberg_marquardt(
@@ -545,20 +552,26 @@ class LensLLMLaw(RectifiedLaw):
         logF = np.log(np.where(np.isfinite(Fm) & (Fm > 0), Fm, 1e-300))
         ref = float(np.median(logF[mask])) if mask.any() else 0.0
 
-        def run(log10_g: float):
+        def run(log10_g: float, warm=None):
             self._K = np.exp(log10_g * np.log(10.0) - ref + logF)
-            theta, conv, cost = self._fit_batch(D, L, mask)
+            theta, conv, cost = self._fit_batch(D, L, mask, warm)
             return theta, conv, float(np.nansum(cost))
 
         grid = self.gamma_grid
-        costs = np.array([run(g)[2] for g in grid])
-        j = int(np.argmin(costs))
-        step = grid[1] - grid[0]
-        res = optimize.minimize_scalar(
-            lambda g: run(g)[2], bounds=(grid[j] - step, grid[j] + step), method="bounded", options={"xatol": 1e-3}
-        )
-        best = float(res.x) if res.fun <= costs[j] else float(grid[j])
-        theta, conv, _ = run(best)
+        fits = [run(g) for g in grid]
+        j = int(np.argmin([f[2] for f in fits]))
+        # refine log10(gamma) by Brent; each curve starts from its fit at the best grid point
+        n_starts, self.n_starts = self.n_starts, 1
+        try:
+            step = grid[1] - grid[0]
+            res = optimize.minimize_scalar(
+                lambda g: run(g, fits[j][0])[2], bounds=(grid[j] - step, grid[j] + step), method="bounded",
+                options={"xatol": 1e-3},
+            )
+            best = float(res.x) if res.fun <= fits[j][2] else float(grid[j])
+            theta, conv, _ = run(best, fits[j][0])
+        finally:
+            self.n_starts = n_starts
         self.gamma_ = float(np.exp(best * np.log(10.0) - ref))
         self._finish(D, L, mask, theta, conv)
         return self
