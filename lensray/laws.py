@@ -333,7 +333,8 @@ class ScalingLaw:
         dof = self._dof.astype(float)
         tq = np.where(dof > 0, stats.t.ppf(0.5 + level / 2, np.maximum(dof, 1)), np.nan)
         half = tq[:, None] * np.sqrt(np.maximum(var, 0.0))
-        return np.exp(y - half), np.exp(y + half)
+        with np.errstate(over="ignore"):  # an unidentified direction gives (0, inf)
+            return np.exp(y - half), np.exp(y + half)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -393,7 +394,7 @@ class RectifiedLaw(ScalingLaw):
 
     name = "rectified"
     param_names = ("B", "D_l", "beta", "E")
-    # internal: log A, log D0, log beta, log E with L = A / (1 + (D/D0)^beta) + E
+    # internal: log A, log D0, log beta, E with L = A / (1 + (D/D0)^beta) + E, in units of _scale
     _lo = np.array([np.log(1e-8), -40.0, np.log(0.01), 0.0])
     _hi = np.array([np.log(1e3), 40.0, np.log(3.0), 1e3])
 

@@ -220,3 +220,24 @@ def test_fit_is_equivariant_to_loss_units(name):
     b = get_law(name).fit(D_GRID, 500.0 * L)  # e.g. a loss summed over tokens instead of averaged
     np.testing.assert_allclose(b.rmse_, a.rmse_, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(b.predict([1e6]), 500.0 * a.predict([1e6]), rtol=1e-6)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(1, 4),
+    st.integers(0, 2**31 - 1),
+    st.floats(0.0, 0.6),
+    st.sampled_from(sorted(LAWS)),
+)
+def test_arbitrary_curves_never_break_the_batch(n, seed, missing, name):
+    rng = np.random.default_rng(seed)
+    L = np.exp(rng.normal(0.5, 1.0, (n, D_GRID.size)))  # any positive values, even increasing
+    L[rng.random(L.shape) < missing] = np.nan
+    law = get_law(name).fit(D_GRID, L)
+    pred = law.predict([1e6])
+    lo, hi = law.predict_interval([1e6])
+    assert pred.shape == lo.shape == hi.shape == (n, 1)
+    assert np.array_equal(np.isfinite(pred[:, 0]), law.fitted_)
+    assert np.all(law.fitted_ >= law.converged_)
+    ok = np.isfinite(lo[:, 0])
+    assert np.all(lo[ok] <= pred[ok]) and np.all(pred[ok] <= hi[ok])
