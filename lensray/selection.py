@@ -338,6 +338,8 @@ class LensraySelector(Selector):
             xs = [x[i][:-b] for i in keep]
             pred, _ = self._forecast(xs, [y[i][:-b] for i in keep], np.array([x[i][-1] for i in keep]))
             err = np.array([y[i][-1] for i in keep]) - pred
+            if not np.isfinite(err).any():
+                continue
             horizon = float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
             rms = float(np.sqrt(np.nanmean(err**2)))
             scaled.append(rms * (np.maximum(H, 0.0) / horizon) ** self.gamma)
