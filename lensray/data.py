@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -185,6 +186,25 @@ def _local_files(source: str) -> tuple[str, list[str]] | None:
     return formats.pop(), files
 
 
+@contextmanager
+def _hub_mode() -> Iterator[None]:
+    """Offline mode for the dataset hub client while the hub is unreachable (fails fast from the cache)."""
+    import datasets
+    import huggingface_hub.constants as hub
+
+    from lensray.models import hub_offline
+
+    if not hub_offline():
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
 def load_rows(task: TaskConfig) -> list[dict[str, Any]]:
     """Raw rows of the task as dicts (synthetic, local files or a hub dataset)."""
     if task.source == SYNTHETIC:
@@ -197,7 +217,8 @@ def load_rows(task: TaskConfig) -> list[dict[str, Any]]:
             builder, files = local
             ds = datasets.load_dataset(builder, data_files=files, split="train")
         else:
-            ds = datasets.load_dataset(task.source, task.subset, split=task.split)
+            with _hub_mode():
+                ds = datasets.load_dataset(task.source, task.subset, split=task.split)
     except LensrayInputError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs one line

@@ -173,7 +173,17 @@ def ensure_tiny(model_id: str) -> Path:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "LENSRAY_OFFLINE"))
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "LENSRAY_OFFLINE")
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in flags)
+
+
+def hub_offline() -> bool:
+    """True when offline mode is set (HF_HUB_OFFLINE, LENSRAY_OFFLINE) or the hub cannot be reached.
+
+    Checked before any hub access so that an uncached id fails in seconds, not after the
+    hub client's retries.
+    """
+    return _offline() or not _hub_reachable()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -194,7 +204,7 @@ def _hub_folder(model_id: str, allow_pickle: bool) -> Path:
     if not _HUB_ID.match(model_id):
         raise LensrayInputError(f"model {model_id!r} is neither a local folder nor a valid hub id")
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"] + (["*.bin"] if allow_pickle else [])
-    local_only = _offline() or not _hub_reachable()
+    local_only = hub_offline()
     try:
         return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=local_only))
     except Exception as exc:
@@ -235,6 +245,18 @@ def check_weights(folder: Path, model_id: str, allow_pickle: bool) -> bool:
     raise LensrayInputError(f"model {model_id!r}: no weights (model.safetensors) in {folder}")
 
 
+def _needs_remote_code(folder: Path) -> bool:
+    """Whether the folder's config or tokenizer config points at code shipped with the model."""
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            meta = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get("auto_map"):
+            return True
+    return False
+
+
 def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
                    allow_pickle: bool = False) -> tuple[Any, Any, Kind]:
     """Load a candidate's model and tokenizer, safely.
@@ -259,6 +281,7 @@ def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
         Unknown id, folder without a model, pickle weights without opt-in, remote code without
         opt-in, unsupported architecture.
     """
+    import torch
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
@@ -266,6 +289,11 @@ def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
         log.warning("candidate %s: trust_remote_code is set; code from its repository will run", model_id_or_path)
     folder = resolve_model_dir(model_id_or_path, allow_pickle)
     safetensors = check_weights(folder, model_id_or_path, allow_pickle)
+    if not trust_remote_code and _needs_remote_code(folder):
+        raise LensrayInputError(
+            f"model {model_id_or_path!r} needs code from its repository (auto_map); refused (set "
+            "trust_remote_code: true for this candidate to run it)"
+        )
     try:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -288,8 +316,11 @@ def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
             raise LensrayInputError(f"model {model_id_or_path!r} needs code from its repository; refused "
                                     "(set trust_remote_code: true for this candidate)") from exc
         raise LensrayInputError(f"model {model_id_or_path!r} cannot be loaded: {str(exc).splitlines()[0]}") from exc
-    except (OSError, RuntimeError, KeyError) as exc:
-        raise LensrayInputError(f"model {model_id_or_path!r} cannot be loaded: {str(exc).splitlines()[0]}") from exc
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:  # corrupt or mismatched weights surface as many types (SafetensorError ...)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise LensrayInputError(f"model {model_id_or_path!r} cannot be loaded: {first}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     if tokenizer.eos_token_id is None:
