@@ -47,8 +47,10 @@ squared norm of per-sample losses, not a number of samples, so it is put on the 
 one scale gamma > 0 **shared by every curve of the batch**: L_i(D) = B_i / (gamma F_i + D^beta_i)
 + E_i. A per-curve scale would make F irrelevant (gamma_i F_i is just a free D_l); one shared
 gamma makes the pre-learned data size proportional to F across the zoo, which is the LensLLM
-claim. gamma is fitted by a log-grid followed by a bounded Brent search on the batch's total
-log-space SSE, each evaluation refitting (B, beta, E) of every curve (3 parameters per curve).
+claim. gamma is fitted on the batch's total log-space SSE, profiling out (B, beta, E) of every
+curve: short fits on a log-grid of gamma locate the best cell, a bounded Brent search refines
+it (each evaluation refits all curves, warm-started), and a final multi-start fit settles the
+per-curve parameters.
 F may be given per curve, shape (n,), or per point, shape (n, m) (F depends on the probe's
 optimiser steps t, which grow with D); in the per-point case ``predict`` needs F at the new D.
 Modes: ``fit(D, L, F=...)`` is the "phase" mode; ``fit(D, L)`` is the "prediction" mode where
@@ -553,26 +555,28 @@ class LensLLMLaw(RectifiedLaw):
         logF = np.log(np.where(np.isfinite(Fm) & (Fm > 0), Fm, 1e-300))
         ref = float(np.median(logF[mask])) if mask.any() else 0.0
 
-        def run(log10_g: float, warm=None):
+        def run(log10_g: float, warm=None, n_starts: int = 1, max_iter: int = self.max_iter):
             self._K = np.exp(log10_g * np.log(10.0) - ref + logF)
-            theta, conv, cost = self._fit_batch(D, L, mask, warm)
+            saved = self.n_starts, self.max_iter
+            self.n_starts, self.max_iter = n_starts, max_iter
+            try:
+                theta, conv, cost = self._fit_batch(D, L, mask, warm)
+            finally:
+                self.n_starts, self.max_iter = saved
             return theta, conv, float(np.nansum(cost))
 
+        # coarse: short fits from the best variable-projection start on a log-grid of gamma
         grid = self.gamma_grid
-        fits = [run(g) for g in grid]
+        fits = [run(g, max_iter=25) for g in grid]
         j = int(np.argmin([f[2] for f in fits]))
-        # refine log10(gamma) by Brent; each curve starts from its fit at the best grid point
-        n_starts, self.n_starts = self.n_starts, 1
-        try:
-            step = grid[1] - grid[0]
-            res = optimize.minimize_scalar(
-                lambda g: run(g, fits[j][0])[2], bounds=(grid[j] - step, grid[j] + step), method="bounded",
-                options={"xatol": 1e-3},
-            )
-            best = float(res.x) if res.fun <= fits[j][2] else float(grid[j])
-            theta, conv, _ = run(best, fits[j][0])
-        finally:
-            self.n_starts = n_starts
+        # fine: Brent on log10(gamma), every curve warm-started from its coarse fit
+        step = grid[1] - grid[0]
+        res = optimize.minimize_scalar(
+            lambda g: run(g, fits[j][0])[2], bounds=(grid[j] - step, grid[j] + step), method="bounded",
+            options={"xatol": 1e-3},
+        )
+        best = float(res.x)
+        theta, conv, _ = run(best, fits[j][0], n_starts=self.n_starts)
         self.gamma_ = float(np.exp(best * np.log(10.0) - ref))
         self._finish(D, L, mask, theta, conv)
         return self
