@@ -308,7 +308,7 @@ class ProbeRunner:
                 if self.faults and self.faults.poison(step + 1, lr):
                     loss = loss * float("nan")
                 if not torch.isfinite(loss):
-                    raise _Diverged(step + 1, float(loss))
+                    raise _Diverged(step + 1, float(loss.detach()))
                 loss.backward()
                 tokens += count_tokens(micro)
             if p.max_grad_norm is not None:

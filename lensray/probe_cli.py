@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lensray.errors import LensrayInputError
+from lensray.probe import ProbeConfig, ProbeRunner
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -65,8 +66,6 @@ def _table(results: list[dict[str, Any]]) -> str:
 
 def cli_main(args: argparse.Namespace) -> int:
     """Run the probes; print a table, or one JSON object with ``--json``."""
-    from lensray.probe import ProbeConfig, ProbeRunner
-
     sizes = parse_sizes(args.sizes)
     task = load_task_config(args.task)
     probe = ProbeConfig(device=args.device, seed=args.seed, ntk=args.ntk)
