@@ -42,8 +42,10 @@ exp(log L_hat(D) -/+ t_{(1+level)/2, m-p} sqrt(Var)). It is NaN where m <= p.
 
 LensLLM, operational definition (DESIGN.md §2)
 ----------------------------------------------
-F(Theta, t) = ||expm(-eta Theta t) r0||^2 comes from the NTK features (lensray/ntk.py); it is a
-squared norm of per-sample losses, not a number of samples, so it is put on the D^beta scale by
+F(Theta, t) = ||expm(-eta Theta t) r0||^2 comes from the NTK features (lensray/ntk.py: probe set
+of n training samples, r0 their per-token mean NLL, Theta the sketched empirical NTK, t the
+probe's optimiser steps, eta its learning rate; F(0) = ||r0||^2). It is a squared norm of
+per-sample losses, not a number of samples, so it is put on the D^beta scale by
 one scale gamma > 0 **shared by every curve of the batch**: L_i(D) = B_i / (gamma F_i + D^beta_i)
 + E_i. A per-curve scale would make F irrelevant (gamma_i F_i is just a free D_l); one shared
 gamma makes the pre-learned data size proportional to F across the zoo, which is the LensLLM
