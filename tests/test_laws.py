@@ -241,3 +241,19 @@ def test_arbitrary_curves_never_break_the_batch(n, seed, missing, name):
     assert np.all(law.fitted_ >= law.converged_)
     ok = np.isfinite(lo[:, 0])
     assert np.all(lo[ok] <= pred[ok]) and np.all(pred[ok] <= hi[ok])
+
+
+def test_lensllm_phase_mode_row_order_and_missing_F():
+    rng = np.random.default_rng(11)
+    n = 7
+    F = rng.uniform(5.0, 500.0, n)
+    beta, B, E = rng.uniform(0.3, 0.7, n), rng.uniform(20, 200, n), rng.uniform(1, 2, n)
+    D = D_GRID[:8]
+    L = (B[:, None] / (0.3 * F[:, None] + D[None] ** beta[:, None]) + E[:, None]) * np.exp(rng.normal(0, 0.01, (n, 8)))
+    F[4] = np.nan  # no NTK features for this candidate: it cannot be fitted, the others can
+    perm = rng.permutation(n)
+    a = LensLLMLaw().fit(D, L, F=F)
+    b = LensLLMLaw().fit(D, L[perm], F=F[perm])
+    assert a.converged_.tolist() == [True] * 4 + [False] + [True] * 2
+    np.testing.assert_allclose(b.gamma_, a.gamma_, rtol=1e-5)
+    np.testing.assert_allclose(b.predict([1e6]), a.predict([1e6])[perm], rtol=1e-4)
