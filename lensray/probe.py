@@ -76,6 +76,7 @@ class ProbeResult:
     wall_seconds: float
     peak_memory_bytes: int
     n_params: int
+    train_seconds: float = 0.0
     ntk: dict[str, Any] | None = None
     error: str | None = None
     attempts: int = 1
@@ -186,15 +187,26 @@ class ProbeRunner:
 
     def load(self) -> "ProbeRunner":
         """Load the candidate and the task; raises LensrayInputError before any training."""
-        import torch
-
         from lensray.models import load_candidate
 
         if self._model is not None:
             return self
         if self.data is None:
             self.data = load_task(self.task)
-        model, self.tokenizer, self.kind = load_candidate(self.model_id, self.trust_remote_code, self.allow_pickle)
+        return self._attach(*load_candidate(self.model_id, self.trust_remote_code, self.allow_pickle))
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, kind: Literal["causal", "seq2seq"], task_data: TaskData,
+                   task: TaskConfig | None = None, probe: ProbeConfig | None = None, name: str = "model",
+                   faults: FaultInjector | None = None) -> "ProbeRunner":
+        """A runner around an already built model (benchmarks, models built in memory)."""
+        runner = cls(name, task, probe, task_data=task_data, faults=faults)
+        return runner._attach(model, tokenizer, kind)
+
+    def _attach(self, model: Any, tokenizer: Any, kind: Literal["causal", "seq2seq"]) -> "ProbeRunner":
+        import torch
+
+        self.tokenizer, self.kind = tokenizer, kind
         want = self.probe.device
         if want == "cuda" and not torch.cuda.is_available():
             raise LensrayInputError("probe.device is 'cuda' but no GPU is available")
@@ -202,10 +214,10 @@ class ProbeRunner:
         self._init_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
         self._model = model.to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
-        self.pad_id = self.tokenizer.pad_token_id
+        self.pad_id = tokenizer.pad_token_id
         max_len = self.task.max_length
-        self._test = encode(self.data.test, self.tokenizer, self.kind, max_len)
-        self._val = encode(self.data.validation, self.tokenizer, self.kind, max_len)
+        self._test = encode(self.data.test, tokenizer, kind, max_len)
+        self._val = encode(self.data.validation, tokenizer, kind, max_len)
         return self
 
     @property
@@ -271,8 +283,8 @@ class ProbeRunner:
         return steps, per_epoch
 
     def _train(self, train: list[Encoded], lr: float, micro_batch: int, grad_accum: int,
-               seed: int) -> tuple[int, int]:
-        """Fine-tune the current weights; returns (optimiser steps, tokens processed)."""
+               seed: int) -> tuple[int, int, float]:
+        """Fine-tune the current weights; returns (optimiser steps, tokens processed, seconds)."""
         import torch
 
         p = self.probe
@@ -286,7 +298,9 @@ class ProbeRunner:
         decay = [q for n_, q in self._model.named_parameters() if q.ndim >= 2]
         no_decay = [q for n_, q in self._model.named_parameters() if q.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+                                fused=self.device.type == "cuda")
+        start = time.perf_counter()
         warmup = int(p.warmup_ratio * steps)
         eval_every = p.eval_every or per_epoch
         best, best_state, since_best = math.inf, None, 0
@@ -330,7 +344,9 @@ class ProbeRunner:
         if best_state is not None:
             self._model.load_state_dict(best_state)
         self._model.eval()
-        return done, tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return done, tokens, time.perf_counter() - start
 
     def _ntk(self, steps: int, lr: float, seed: int) -> dict[str, Any]:
         """NTK features (``lensray.ntk``) of the current weights on the fixed probe set.
@@ -375,11 +391,11 @@ class ProbeRunner:
         lr, mb, ga = self.probe.learning_rate, self.probe.micro_batch, self.probe.grad_accum
         log: list[dict[str, Any]] = []
         halved_lr = False
-        status, error, steps, tokens, loss = "ok", None, 0, 0, None
+        status, error, steps, tokens, loss, train_seconds = "ok", None, 0, 0, None, 0.0
         while True:
             self.reset()
             try:
-                steps, tokens = self._train(train, lr, mb, ga, seed) if n_samples else (0, 0)
+                steps, tokens, train_seconds = self._train(train, lr, mb, ga, seed) if n_samples else (0, 0, 0.0)
                 loss = self.test_loss()
                 if not math.isfinite(loss):
                     raise _Diverged(steps, loss)
@@ -414,6 +430,7 @@ class ProbeRunner:
         return ProbeResult(
             model=self.model_id, n_samples=n_samples, status=status, test_loss=loss, steps=steps,
             learning_rate=lr, tokens=tokens, flops=6.0 * self.n_params * tokens, wall_seconds=wall,
+            train_seconds=train_seconds,
             peak_memory_bytes=_peak_memory(self.device), n_params=self.n_params, ntk=ntk, error=error,
             attempts=len(log), attempt_log=log, seed=seed, micro_batch=mb, grad_accum=ga, kind=self.kind,
         )
