@@ -17,6 +17,7 @@ Faults can be injected for tests through ``FaultInjector`` (argument or env
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import resource
@@ -63,7 +64,31 @@ class ProbeConfig(BaseModel):
 
 @dataclass
 class ProbeResult:
-    """Outcome of one probe. ``test_loss`` is None unless ``status == "ok"``."""
+    """Outcome of one probe.
+
+    Attributes
+    ----------
+    status:
+        ``"ok"``; ``"diverged"`` (NaN/inf loss twice, the second time at half the learning
+        rate); ``"failed"`` (out of memory down to micro-batch 1).
+    test_loss:
+        Mean NLL per target token on the task's test split; None unless ``status == "ok"``.
+    steps, learning_rate, micro_batch, grad_accum:
+        Optimiser steps, peak learning rate and batch shape of the last attempt.
+    tokens, flops:
+        Training tokens processed (padding excluded, prompt included) and 6 * n_params * tokens.
+    wall_seconds, train_seconds:
+        The whole probe (retries, evaluation, NTK) and the training loop of the last attempt.
+    peak_memory_bytes:
+        Peak GPU memory allocated during the probe, or the process's peak RSS on CPU.
+    ntk:
+        ``lensray.ntk.NTKFeatures.to_dict()`` at this probe's learning rate and steps, when asked.
+    error:
+        Why the probe is not ok (with the step and learning rate for a divergence).
+    attempts, attempt_log:
+        Number of training attempts and one dict per attempt
+        (``learning_rate, micro_batch, grad_accum, outcome ("ok"|"diverged"|"oom"), step``).
+    """
 
     model: str
     n_samples: int
@@ -182,6 +207,7 @@ class ProbeRunner:
         self.data = task_data
         self.faults = faults if faults is not None else FaultInjector.from_env()
         self._model: Any = None
+        self._ntk_cache: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -215,9 +241,10 @@ class ProbeRunner:
         self._model = model.to(self.device)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.pad_id = tokenizer.pad_token_id
-        max_len = self.task.max_length
-        self._test = encode(self.data.test, tokenizer, kind, max_len)
-        self._val = encode(self.data.validation, tokenizer, kind, max_len)
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        self.max_length = min(self.task.max_length, limit) if limit else self.task.max_length
+        self._test = encode(self.data.test, tokenizer, kind, self.max_length)
+        self._val = encode(self.data.validation, tokenizer, kind, self.max_length)
         return self
 
     @property
@@ -228,6 +255,17 @@ class ProbeRunner:
     def reset(self) -> None:
         """Restore the pre-trained weights."""
         self._model.load_state_dict(self._init_state)
+
+    def _free_memory(self) -> None:
+        """Drop gradients and cached GPU blocks after a failed attempt."""
+        import gc
+
+        import torch
+
+        self._model.zero_grad(set_to_none=True)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _autocast(self) -> Any:
         import torch
@@ -348,20 +386,25 @@ class ProbeRunner:
             torch.cuda.synchronize(self.device)
         return done, tokens, time.perf_counter() - start
 
-    def _ntk(self, steps: int, lr: float, seed: int) -> dict[str, Any]:
-        """NTK features (``lensray.ntk``) of the current weights on the fixed probe set.
+    def _ntk_kernel(self, seed: int) -> Any:
+        """NTK features (``lensray.ntk.NTKFeatures``) of the pre-trained weights on the fixed probe set.
 
         The probe set is the first ``ntk_samples`` rows of the train pool under the task's
-        split seed: the same X for every probe size and every candidate.
+        split seed: the same X for every probe size. The kernel depends only on the
+        pre-trained weights, so it is computed once per seed; each probe evaluates F at its
+        own learning rate and step count.
         """
         from lensray.ntk import ntk_features
 
-        n = min(self.probe.ntk_samples, len(self.data.train))
-        enc = encode(self.data.subset(n, seed=self.task.split_seed), self.tokenizer, self.kind, self.task.max_length)
-        kw = {"sketch_dim": self.probe.ntk_dim} if self.probe.ntk_dim else {}
-        feats = ntk_features(self._model, collate(enc, self.pad_id, self.kind), learning_rate=lr, steps=steps,
-                             n_samples=n, seed=seed, device=self.device, **kw)
-        return feats.to_dict()
+        if seed not in self._ntk_cache:
+            self.reset()
+            n = min(self.probe.ntk_samples, len(self.data.train))
+            enc = encode(self.data.subset(n, seed=self.task.split_seed), self.tokenizer, self.kind, self.max_length)
+            kw = {"sketch_dim": self.probe.ntk_dim} if self.probe.ntk_dim else {}
+            self._ntk_cache[seed] = ntk_features(self._model, collate(enc, self.pad_id, self.kind),
+                                                 learning_rate=self.probe.learning_rate, steps=0, n_samples=n,
+                                                 seed=seed, device=self.device, **kw)
+        return self._ntk_cache[seed]
 
     def run(self, n_samples: int, seed: int | None = None) -> ProbeResult:
         """Fine-tune a fresh copy of the pre-trained weights on ``n_samples`` and measure the test loss.
@@ -384,10 +427,16 @@ class ProbeRunner:
         import torch
 
         subset = self.data.subset(n_samples, seed)
-        train = encode(subset, self.tokenizer, self.kind, self.task.max_length)
+        train = encode(subset, self.tokenizer, self.kind, self.max_length)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
+        kernel, ntk_error = None, None
+        if self.probe.ntk:
+            try:
+                kernel = self._ntk_kernel(seed)
+            except FloatingPointError as exc:
+                ntk_error = f"ntk: {exc}"
         lr, mb, ga = self.probe.learning_rate, self.probe.micro_batch, self.probe.grad_accum
         log: list[dict[str, Any]] = []
         halved_lr = False
@@ -414,18 +463,15 @@ class ProbeRunner:
                 log.append({"learning_rate": lr, "micro_batch": mb, "grad_accum": ga, "outcome": "oom", "step": None})
                 status, loss = "failed", None
                 error = f"out of memory at micro_batch {mb} (grad_accum {ga})"
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
                 if mb == 1:
                     break
                 mb, ga = max(1, mb // 2), ga * 2
+            self._free_memory()  # outside the except block: its traceback no longer pins the tensors
         ntk = None
-        if self.probe.ntk and status == "ok":
-            self.reset()
-            try:
-                ntk = self._ntk(steps, lr, seed)
-            except FloatingPointError as exc:
-                error = f"ntk: {exc}"
+        if kernel is not None and status == "ok":
+            ntk = dataclasses.replace(kernel, learning_rate=lr, steps=steps).to_dict()
+        elif ntk_error and status == "ok":
+            error = ntk_error
         wall = time.perf_counter() - start
         return ProbeResult(
             model=self.model_id, n_samples=n_samples, status=status, test_loss=loss, steps=steps,
