@@ -59,6 +59,10 @@ class TaskConfig(BaseModel):
     )
     validation_size: int = Field(64, ge=0, description="rows of the validation slice used for early stopping")
     split_seed: int = Field(1234, description="seed of the test/validation split; independent of the candidate")
+    max_rows: int | None = Field(
+        200_000, ge=1, description="read at most this many rows: a seeded sample (split_seed) of a larger "
+        "dataset split, so huge hub datasets stay in memory bounds (None: every row)"
+    )
     max_bad_fraction: float = Field(
         0.5, ge=0, le=1, description="largest share of unusable rows (missing/empty/non-text) tolerated"
     )
@@ -224,6 +228,9 @@ def load_rows(task: TaskConfig) -> list[dict[str, Any]]:
     except Exception as exc:  # datasets raises many types; the user needs one line
         msg = " ".join(str(exc).split())[:300]
         raise LensrayInputError(f"task.source {task.source!r} could not be loaded: {msg}") from exc
+    if task.max_rows is not None and len(ds) > task.max_rows:
+        rows = np.random.default_rng([task.split_seed, 0x5A3B]).choice(len(ds), task.max_rows, replace=False)
+        ds = ds.select(np.sort(rows))
     return ds.to_list()
 
 

@@ -189,6 +189,8 @@ def hub_offline() -> bool:
 def _hub_reachable(timeout: float = 3.0) -> bool:
     from urllib.parse import urlparse
 
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # reachable only through the proxy: let the hub client try
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
         socket.create_connection((host, 443), timeout=timeout).close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lensray.data import (
     TaskConfig,
@@ -19,6 +22,11 @@ from lensray.errors import LensrayInputError
 from lensray.models import char_tokenizer
 
 SMALL = dict(synthetic_rows=600, test_size=64, validation_size=16)
+
+
+@functools.lru_cache(maxsize=1)
+def _small_task():
+    return load_task(TaskConfig(**SMALL))
 
 
 def test_synthetic_rows_are_deterministic_and_follow_the_rule():
@@ -62,6 +70,23 @@ def test_subsets_are_nested_and_deterministic():
     assert data.subset(0) == []
     test_ids = {id(e) for e in data.test + data.validation}
     assert not any(id(e) in test_ids for e in s400)
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(0, 520), min_size=2, max_size=5), seed=st.integers(0, 10**6))
+def test_subsets_nest_for_any_sizes(sizes, seed):
+    data = _small_task()
+    subsets = [data.subset(n, seed) for n in sorted(sizes)]
+    for small, large in zip(subsets, subsets[1:]):
+        assert large[: len(small)] == small
+
+
+def test_max_rows_takes_a_seeded_sample(tmp_path):
+    path = _write_rows(tmp_path, [{"input": f"in{i}", "target": f"out{i}"} for i in range(100)], "jsonl")
+    task = TaskConfig(source=str(path), max_rows=40, test_size=4, validation_size=0)
+    a, b = load_task(task), load_task(task)
+    assert a.n_rows == 40 and [e.prompt for e in a.train] == [e.prompt for e in b.train]
+    assert {e.prompt for e in a.train} != {f"in{i}" for i in range(36)}  # a sample, not the first rows
 
 
 def test_subset_larger_than_train_split_names_both_numbers():
