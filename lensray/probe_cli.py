@@ -1,4 +1,9 @@
-"""``lensray probe``: run the probes of one candidate on nested subsets and print its curve."""
+"""``lensray probe``: run the probes of one candidate on nested subsets and print its curve.
+
+``--task`` is 'synthetic' or a YAML file: task fields at the top level, or ``task:`` and
+``probe:`` sections (a screening config works as is). ``--device``, ``--seed`` and ``--ntk``
+override the probe section when given.
+"""
 
 from __future__ import annotations
 
@@ -23,15 +28,31 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
-def load_task_config(spec: str) -> Any:
-    """'synthetic' or a YAML file holding a task mapping (top level, or under a ``task:`` key)."""
-    import yaml
+def _validated(cls: Any, raw: Any, spec: str, section: str) -> Any:
     from pydantic import ValidationError
+
+    if not isinstance(raw, dict):
+        raise LensrayInputError(f"--task {spec}: {section} must be a mapping")
+    try:
+        return cls(**raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"])
+        raise LensrayInputError(f"--task {spec}: {section}.{field}: {err['msg']}") from None
+
+
+def load_configs(spec: str) -> tuple[Any, dict[str, Any]]:
+    """(TaskConfig, probe settings) from 'synthetic' or a YAML file.
+
+    The YAML holds task fields at the top level, or ``task:`` and optionally ``probe:``
+    sections (a screening config works as is).
+    """
+    import yaml
 
     from lensray.data import TaskConfig
 
     if spec == "synthetic":
-        return TaskConfig()
+        return TaskConfig(), {}
     path = Path(spec)
     if not path.is_file():
         raise LensrayInputError(f"--task: {spec} is neither 'synthetic' nor a YAML file")
@@ -41,13 +62,16 @@ def load_task_config(spec: str) -> Any:
         raise LensrayInputError(f"--task: {spec} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(raw, dict):
         raise LensrayInputError(f"--task: {spec} must hold a mapping of task fields")
-    raw = raw.get("task", raw)
-    try:
-        return TaskConfig(**raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise LensrayInputError(f"--task {spec}: task.{field}: {err['msg']}") from None
+    if "task" not in raw:
+        return _validated(TaskConfig, raw, spec, "task"), {}
+    probe = raw.get("probe") or {}
+    _validated(ProbeConfig, probe, spec, "probe")
+    return _validated(TaskConfig, raw["task"], spec, "task"), dict(probe)
+
+
+def load_task_config(spec: str) -> Any:
+    """The TaskConfig of ``--task`` ('synthetic' or a YAML file)."""
+    return load_configs(spec)[0]
 
 
 def _table(results: list[dict[str, Any]]) -> str:
@@ -67,8 +91,13 @@ def _table(results: list[dict[str, Any]]) -> str:
 def cli_main(args: argparse.Namespace) -> int:
     """Run the probes; print a table, or one JSON object with ``--json``."""
     sizes = parse_sizes(args.sizes)
-    task = load_task_config(args.task)
-    probe = ProbeConfig(device=args.device, seed=args.seed, ntk=args.ntk)
+    task, settings = load_configs(args.task)
+    if args.device != "auto" or "device" not in settings:  # flags override the YAML's probe section
+        settings["device"] = args.device
+    if args.seed != 0 or "seed" not in settings:
+        settings["seed"] = args.seed
+    settings["ntk"] = bool(args.ntk or settings.get("ntk", False))
+    probe = ProbeConfig(**settings)
     runner = ProbeRunner(args.model, task, probe).load()
     runner.data.subset(sizes[-1])  # a size larger than the train split fails here, before any training
     if not args.json:

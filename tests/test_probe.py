@@ -147,32 +147,64 @@ def test_unknown_model_fails_at_load(data):
         ProbeRunner("/no/such/model", TASK, ProbeConfig(**FAST), task_data=data).load()
 
 
-def test_probe_cli_json_and_bad_sizes(capsys, monkeypatch):
+def _cli_yaml(tmp_path, probe="{learning_rate: 1.0e-3, epochs: 1, micro_batch: 8, max_steps: 2}"):
+    path = tmp_path / "probe.yaml"
+    path.write_text(f"task: {{synthetic_rows: 800, test_size: 64, validation_size: 16, max_length: 32}}\n"
+                    f"probe: {probe}\n")
+    return str(path)
+
+
+def test_probe_cli_json_and_bad_sizes(capsys, tmp_path):
     from lensray.cli import main
 
-    monkeypatch.setattr("lensray.probe_cli.ProbeConfig",
-                        lambda **kw: ProbeConfig(**{**FAST, **kw, "max_steps": 2}))
-    monkeypatch.setattr("lensray.probe_cli.load_task_config", lambda spec: TASK)
-    assert main(["probe", "--model", GPT2, "--sizes", "0,32", "--json", "--device", "cpu"]) == 0
+    task = _cli_yaml(tmp_path)
+    assert main(["probe", "--model", GPT2, "--task", task, "--sizes", "0,32", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [p["n_samples"] for p in out["probes"]] == [0, 32] and out["kind"] == "causal"
+    assert out["probes"][1]["steps"] == 2 and out["probes"][1]["learning_rate"] == 1e-3
     assert main(["probe", "--model", GPT2, "--sizes", "0,x"]) == 2
     assert "--sizes" in capsys.readouterr().err
-    assert main(["probe", "--model", GPT2, "--sizes", "0,99999", "--device", "cpu"]) == 2
+    assert main(["probe", "--model", GPT2, "--task", task, "--sizes", "0,99999", "--device", "cpu"]) == 2
     assert "larger than the train split" in capsys.readouterr().err
 
 
-def test_probe_cli_task_yaml(tmp_path, capsys):
-    from lensray.probe_cli import load_task_config
+def test_probe_cli_table(capsys, tmp_path):
+    from lensray.cli import main
+
+    assert main(["probe", "--model", GPT2, "--task", _cli_yaml(tmp_path), "--sizes", "0,16", "--ntk"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:3] == ["D", "status", "test_loss"] and "NTK: F=" in out
+
+
+def test_probe_cli_task_yaml(tmp_path):
+    from lensray.probe_cli import load_configs, load_task_config
 
     path = tmp_path / "task.yaml"
-    path.write_text("task:\n  source: synthetic\n  test_size: 32\n")
+    path.write_text("source: synthetic\ntest_size: 32\n")
     assert load_task_config(str(path)).test_size == 32
+    task, probe = load_configs(_cli_yaml(tmp_path))
+    assert task.synthetic_rows == 800 and probe["max_steps"] == 2
     path.write_text("task:\n  test_sise: 32\n")
-    with pytest.raises(LensrayInputError, match="test_sise"):
+    with pytest.raises(LensrayInputError, match="task.test_sise"):
         load_task_config(str(path))
+    with pytest.raises(LensrayInputError, match="probe.epochs"):
+        load_configs(_cli_yaml(tmp_path, probe="{epochs: -1}"))
     with pytest.raises(LensrayInputError, match="neither 'synthetic' nor a YAML file"):
         load_task_config(str(tmp_path / "none.yaml"))
+
+
+def test_probe_is_identical_in_a_fresh_process(tmp_path):
+    """What a restarted Ray worker relies on: same seed, same result, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lensray", "probe", "--model", GPT2, "--task", _cli_yaml(tmp_path),
+           "--sizes", "32", "--json", "--device", "cpu", "--seed", "3"]
+    env = {**os.environ, "LENSRAY_CACHE": os.environ["LENSRAY_CACHE"]}
+    losses = [json.loads(subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout)
+              ["probes"][0]["test_loss"] for _ in range(2)]
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.slow
