@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from lensray.data import TaskConfig
+from lensray.data import SYNTHETIC, TaskConfig, load_task
 from lensray.errors import LensrayInputError
 from lensray.probe import ProbeConfig
 from lensray.selection import SELECTORS
@@ -136,6 +136,7 @@ class ScreenConfig(_Model):
 def load_config(
     source: str | Path | Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    check_task: bool = True,
 ) -> ScreenConfig:
     """Read and validate a screening config.
 
@@ -146,6 +147,9 @@ def load_config(
     overrides
         Dotted keys set after reading, e.g. ``{"storage.path": "out", "ray.address": "auto"}``;
         entries whose value is None are ignored (unset CLI flags).
+    check_task
+        Check that the built-in synthetic task's train split holds ``grid.max_samples`` samples
+        (False for replay runs, which fine-tune nothing).
 
     Raises
     ------
@@ -163,6 +167,8 @@ def load_config(
     except ValidationError as exc:
         raise LensrayInputError(_describe(exc)) from None
     _check_semantics(config)
+    if check_task and config.task.source == SYNTHETIC:  # cheap here; file and hub tasks are sized by the driver
+        check_train_size(config, len(load_task(config.task).train))
     for cand in config.zoo:
         if cand.trust_remote_code:
             log.warning("zoo candidate %r sets trust_remote_code: true: code from its repository will run", cand.id)
@@ -276,3 +282,12 @@ def _check_semantics(config: ScreenConfig) -> None:
         if cand.id in seen:
             raise LensrayInputError(f"zoo[{i}].id: duplicate candidate id {cand.id!r} (also zoo[{seen[cand.id]}])")
         seen[cand.id] = i
+
+
+def check_train_size(config: ScreenConfig, n_train: int) -> None:
+    """Raise when the task's train split cannot hold the largest probe subset (``grid.max_samples``)."""
+    if n_train < config.grid.max_samples:
+        raise LensrayInputError(
+            f"grid.max_samples: {config.grid.max_samples} is larger than the train split of task "
+            f"{config.task.source!r} ({n_train} rows); lower grid.max_samples or use more data"
+        )

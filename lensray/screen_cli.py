@@ -33,7 +33,7 @@ def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
     overrides = {"storage.path": args.out, "ray.address": args.address,
                  "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
     if args.config is not None:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, check_task=False)
         missing = [c.id for c in config.zoo if c.id not in curves.ids]
         if missing:
             raise LensrayInputError(f"zoo: candidate {missing[0]!r} has no row in {args.replay} (column 'config name')")
@@ -44,7 +44,7 @@ def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
         positive = [int(d) for d in curves.D if d > 0]
         base = {"name": f"replay-{Path(args.replay).stem}", "zoo": zoo, "storage": {"path": DEFAULT_REPLAY_OUT},
                 "grid": {"start": positive[0], "factor": 2, "zero_shot": bool((curves.D == 0).any())}}
-        config = load_config(base, overrides)
+        config = load_config(base, overrides, check_task=False)
     return config, curves
 
 

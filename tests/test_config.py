@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lensray.config import DEFAULT_CONFIG, GridConfig, ScreenConfig, load_config
+from lensray.config import DEFAULT_CONFIG, GridConfig, ScreenConfig, check_train_size, load_config
 from lensray.errors import LensrayInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,3 +191,15 @@ def test_screen_cli_missing_config_file(tmp_path, capsys):
 
     assert main(["screen", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: config: file not found: {tmp_path / 'missing.yaml'}"
+
+
+def test_train_split_smaller_than_max_samples():
+    with pytest.raises(LensrayInputError) as info:
+        load_config(_cfg(task={"source": "synthetic", "synthetic_rows": 2000}))
+    msg = str(info.value)
+    assert msg.startswith("grid.max_samples: 3200 is larger than the train split of task 'synthetic' (1680 rows)")
+    config = load_config(_cfg(task={"synthetic_rows": 4000}))
+    check_train_size(config, 3200)
+    with pytest.raises(LensrayInputError, match=r"^grid\.max_samples: .*\(100 rows\)"):
+        check_train_size(config, 100)
+    assert load_config(_cfg(task={"synthetic_rows": 2000}), check_task=False).grid.max_samples == 3200
