@@ -189,7 +189,9 @@ def _read(source: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise LensrayInputError(f"config: YAML syntax error in {path}{where}: {problem}") from None
+        kind = "YAML tag not allowed (plain YAML only)" if isinstance(exc, yaml.constructor.ConstructorError) \
+            else "YAML syntax error"
+        raise LensrayInputError(f"config: {kind} in {path}{where}: {problem}") from None
     except UnicodeDecodeError:
         raise LensrayInputError(f"config: {path} is not UTF-8 text") from None
     if data is None:

@@ -24,10 +24,12 @@ import numbers
 import os
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 
 PROBES_DIR = "probes"
 TEMP_MARK = ".tmp-"
+READ_THREADS = 16
 SECRET_ENV_NAMES = (
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
@@ -116,9 +119,12 @@ def _jsonable(value: Any) -> Any:
 
 def dumps(obj: Any, indent: int | None = 2) -> str:
     """JSON text (NaN/inf written as null) of ``obj``, redacted; ``indent=None`` for one line."""
+    return redact(_json(obj, indent))
+
+
+def _json(obj: Any, indent: int | None) -> str:
     separators = (",", ":") if indent is None else None
-    text = json.dumps(_nan_to_none(obj), default=_jsonable, indent=indent, separators=separators, allow_nan=False)
-    return redact(text)
+    return json.dumps(_nan_to_none(obj), default=_jsonable, indent=indent, separators=separators, allow_nan=False)
 
 
 def _nan_to_none(obj: Any) -> Any:
@@ -239,8 +245,8 @@ class ProbeStore:
         n = result.get("n_samples")
         if isinstance(n, bool) or not isinstance(n, numbers.Integral):
             raise ValueError(f"probe result of {candidate_id!r} needs an integer n_samples, got {n!r}")
-        record = {"candidate": candidate_id, **result, "n_samples": int(n)}
-        record["candidate"] = candidate_id
+        rest = {k: v for k, v in result.items() if k not in ("candidate", "n_samples")}
+        record = {"candidate": candidate_id, "n_samples": int(n), **rest}
         path = f"{self.root}/{PROBES_DIR}/{candidate_key(candidate_id)}/{int(n)}.json"
         self._write_atomic(path, dumps(record).encode("utf-8"))
         return path
@@ -248,31 +254,30 @@ class ProbeStore:
     def completed(self, candidate_id: str) -> dict[int, dict]:
         """Stored results of one candidate, by ``n_samples`` (partial or corrupt files skipped)."""
         folder = f"{self.root}/{PROBES_DIR}/{candidate_key(candidate_id)}"
-        return {r["n_samples"]: r for r in self._read_folder(folder) if r["candidate"] == candidate_id}
+        return {r["n_samples"]: r for r in self._read_tree(folder) if r["candidate"] == candidate_id}
 
     def get_all(self) -> list[dict]:
         """Every stored probe result, sorted by candidate and ``n_samples``."""
-        folder = f"{self.root}/{PROBES_DIR}"
-        records: list[dict] = []
-        if self.fs.get_file_info(folder).type == pafs.FileType.Directory:
-            for info in self.fs.get_file_info(pafs.FileSelector(folder)):
-                if info.type == pafs.FileType.Directory:
-                    records.extend(self._read_folder(info.path))
-        return sorted(records, key=lambda r: (str(r.get("candidate")), r["n_samples"]))
+        records = self._read_tree(f"{self.root}/{PROBES_DIR}")
+        return sorted(records, key=lambda r: (r["candidate"], r["n_samples"]))
 
-    def _read_folder(self, folder: str) -> list[dict]:
-        if self.fs.get_file_info(folder).type != pafs.FileType.Directory:
-            return []
-        out = []
-        for info in self.fs.get_file_info(pafs.FileSelector(folder)):
-            if info.type != pafs.FileType.File or info.base_name.startswith(".") or TEMP_MARK in info.base_name:
-                continue
-            if not info.base_name.endswith(".json"):
-                continue
-            record = self._read_record(info.path)
-            if record is not None:
-                out.append(record)
-        return out
+    def _read_tree(self, folder: str) -> list[dict]:
+        """Valid records under ``folder``: one listing, then parallel reads (object stores are slow per file)."""
+        selector = pafs.FileSelector(folder, allow_not_found=True, recursive=True)
+        paths = [
+            info.path
+            for info in self.fs.get_file_info(selector)
+            if info.type == pafs.FileType.File
+            and info.base_name.endswith(".json")
+            and not info.base_name.startswith(".")
+            and TEMP_MARK not in info.base_name
+        ]
+        if len(paths) <= 8:
+            records = [self._read_record(p) for p in paths]
+        else:
+            with ThreadPoolExecutor(max_workers=READ_THREADS) as pool:
+                records = list(pool.map(self._read_record, paths))
+        return [r for r in records if r is not None]
 
     def _read_record(self, path: str) -> dict | None:
         try:
@@ -319,15 +324,20 @@ def _to_table(rows: list[Mapping[str, Any]]) -> pa.Table:
         try:
             arrays[key] = pa.array(values)
         except (pa.ArrowException, TypeError, ValueError, OverflowError):
-            arrays[key] = pa.array([None if v is None else redact(str(v)) for v in values], type=pa.string())
+            arrays[key] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    secrets = secret_values()
+    for key, array in arrays.items():
+        if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+            for secret in secrets:
+                array = pc.replace_substring(array, pattern=secret, replacement=REDACTED)
+            arrays[key] = array
     return pa.table(arrays) if arrays else pa.table({"candidate": pa.array([], type=pa.string())})
 
 
 def _cell(value: Any) -> Any:
-    if isinstance(value, str):
-        return redact(value)
+    """A Parquet cell: nested values as one-line JSON text, numpy scalars as Python ones (redacted later)."""
     if isinstance(value, (Mapping, list, tuple, np.ndarray)):
-        return dumps(value, indent=None)
+        return _json(value, indent=None)
     if isinstance(value, np.generic):
         return value.item()
     return value

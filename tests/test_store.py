@@ -197,5 +197,10 @@ def test_redaction_of_secret_env_values(tmp_path, monkeypatch):
     for path in _files(tmp_path):
         data = path.read_bytes()
         assert secret.encode() not in data and aws.encode() not in data, path
+    raw = [{"candidate": "x", "n_samples": 1, "error": f"t {secret}", "nested": {"k": aws}, "mixed": 1},
+           {"candidate": "y", "n_samples": 2, "error": None, "nested": None, "mixed": f"{secret}"}]
+    cells = pq.read_table(store.write_parquet(raw, name="raw.parquet")).to_pylist()
+    assert cells[0]["error"] == "t ***" and json.loads(cells[0]["nested"]) == {"k": "***"}
+    assert cells[1]["mixed"] == "***" and cells[0]["mixed"] == "1"
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "token %s", (secret,), None)
     assert RedactingFilter().filter(record) and secret not in record.getMessage()
