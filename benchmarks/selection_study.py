@@ -1,13 +1,22 @@
-"""Research script: ``lensray`` vs AtS on curve tables, and the sensitivity of lensray's knobs.
+"""Research script: ``lensray`` vs AtS on curve tables, validation protocols and knob sensitivity.
 
 Usage::
 
-    python benchmarks/selection_study.py [TABLE.csv ...]     # default: ../shared/benchmarks/{flan,wmt19}.csv
+    python benchmarks/selection_study.py [--no-sweep] [TABLE.csv ...]   # default: ../shared/benchmarks/{flan,wmt19}.csv
 
-Prints, per table and budget ratio, PearCorr / RelAcc of AtS and lensray and lensray's 90 %
-interval coverage; then, for each knob of :class:`lensray.selection.LensraySelector` varied
-alone around its default, the mean PearCorr gain over AtS per table and the worst cell. A knob
-is only worth its default when the gain is a plateau on every table, not a peak on one.
+Prints
+
+1. per table and budget ratio (D* = 1,638,400): PearCorr / RelAcc of AtS and lensray and
+   lensray's 90 % interval coverage;
+2. validation suites that do not use the D* = 1,638,400 column: pseudo-protocols on the same
+   tables with nearer targets (819,200 with r = 8..256, 409,600 with r = 8..128: a method still
+   sees D <= target / r only) and synthetic zoos of :mod:`lensray.synthetic_zoo` (rectified-law
+   curves, 30 candidates, 8 seeds each at noise 0.01 and 0.02);
+3. the RelAcc ceiling of "knowing the loss at D exactly": RelAcc of picking the best measured
+   loss at each D up to D*/2 (evidence for what the RelAcc target demands);
+4. for each knob of :class:`lensray.selection.LensraySelector` varied alone around its
+   default: mean PearCorr gain over AtS / worst cell, RelAcc and coverage on every suite. A
+   knob is only worth its default when the gain is a plateau on every suite, not a peak on one.
 """
 
 from __future__ import annotations
@@ -19,55 +28,92 @@ from pathlib import Path
 import numpy as np
 
 from lensray.benchmark import run_benchmark
-from lensray.curves import load_curves_csv
+from lensray.curves import Curves, load_curves_csv
+from lensray.metrics import relacc
 from lensray.selection import AtSSelector, LensraySelector
+from lensray.synthetic_zoo import synthetic_zoo
 
+TARGET = 1_638_400
 RATIOS = [8, 16, 32, 64, 128, 256, 512]
 KNOBS = {
     "phi": [0.6, 0.7, 0.75, 0.8, 0.9],
+    "cap_quantile": [0.0, 0.02, 0.05, 0.1, 0.2, 1.0],
     "curvature_window": [4, 5, 6, 100],
     "k_tangent": [3, 4],
     "gamma": [1.0, 1.25, 1.5, 2.0],
 }
+"""Values tried per knob; ``cap_quantile = 1.0`` caps at the shallowest slope, i.e. switches the cap off."""
+
+Suite = list[tuple[Curves, int, list[int]]]
 
 
-def _rows(curves, selector) -> list[dict]:
-    return run_benchmark(curves, RATIOS, [selector])
+def suites(tables: list[Curves]) -> dict[str, Suite]:
+    """(curves, target, ratios) per validation suite; ``main`` is the benchmark protocol itself."""
+    out: dict[str, Suite] = {"main": [(c, TARGET, RATIOS) for c in tables]}
+    out["t819k"] = [(c, TARGET // 2, RATIOS[:-1]) for c in tables]
+    out["t410k"] = [(c, TARGET // 4, RATIOS[:-2]) for c in tables]
+    out["syn.01"] = [(synthetic_zoo(30, seed, 0.01), TARGET, RATIOS) for seed in range(8)]
+    out["syn.02"] = [(synthetic_zoo(30, 100 + seed, 0.02), TARGET, RATIOS) for seed in range(8)]
+    return out
 
 
-def main(paths: list[Path]) -> None:
+def _rows(suite: Suite, selector) -> list[dict]:
+    rows = []
+    for curves, target, ratios in suite:
+        rows += [dict(r, table=curves.name) for r in run_benchmark(curves, ratios, [selector], target=target)]
+    return rows
+
+
+def _summary(ours: list[dict], ats: list[dict]) -> str:
+    gain = np.array([o["pearson"] - a["pearson"] for o, a in zip(ours, ats)])
+    cover = np.array([o["coverage90"] for o in ours])
+    rel_o, rel_a = np.mean([o["relacc"] for o in ours]), np.mean([a["relacc"] for a in ats])
+    return (f"gain {gain.mean():+5.2f} worst {gain.min():+5.2f} RelAcc {rel_o:5.1f} (AtS {rel_a:5.1f}) "
+            f"cover {np.nanmean(cover):.2f} min {np.nanmin(cover):.2f}")
+
+
+def main(paths: list[Path], sweep: bool = True) -> None:
     tables = [load_curves_csv(p) for p in paths]
-    ats = {c.name: _rows(c, AtSSelector()) for c in tables}
+    study = suites(tables)
+    ats = {k: _rows(s, AtSSelector()) for k, s in study.items()}
+
     start = time.perf_counter()
-    ours = {c.name: _rows(c, LensraySelector()) for c in tables}
+    main_rows = _rows(study["main"], LensraySelector())
     seconds = time.perf_counter() - start
     print(f"{'table':>8} {'ratio':>5} | {'PearCorr AtS':>12} {'lensray':>8} | {'RelAcc AtS':>10} {'lensray':>8} | cover90")
-    for c in tables:
-        for a, o in zip(ats[c.name], ours[c.name]):
-            print(f"{c.name:>8} {a['ratio']:>5} | {a['pearson']:12.1f} {o['pearson']:8.1f} | "
-                  f"{a['relacc']:10.1f} {o['relacc']:8.1f} | {o['coverage90']:.3f}")
-    pa = np.array([r["pearson"] for c in tables for r in ats[c.name]])
-    po = np.array([r["pearson"] for c in tables for r in ours[c.name]])
-    ra = np.mean([r["relacc"] for c in tables for r in ats[c.name]])
-    ro = np.mean([r["relacc"] for c in tables for r in ours[c.name]])
-    cov = np.mean([r["coverage90"] for c in tables for r in ours[c.name]])
-    print(f"mean PearCorr AtS {pa.mean():.2f} lensray {po.mean():.2f} (gain {po.mean() - pa.mean():+.2f}, "
-          f"worst cell {np.min(po - pa):+.2f}); mean RelAcc AtS {ra:.2f} lensray {ro:.2f}; coverage {cov:.3f}; "
-          f"lensray fit time {seconds:.2f} s for {len(tables) * len(RATIOS)} cells")
+    for a, o in zip(ats["main"], main_rows):
+        print(f"{o['table']:>8} {a['ratio']:>5} | {a['pearson']:12.1f} {o['pearson']:8.1f} | "
+              f"{a['relacc']:10.1f} {o['relacc']:8.1f} | {o['coverage90']:.3f}")
+    for name in [c.name for c in tables]:
+        sub = [(o, a) for o, a in zip(main_rows, ats["main"]) if o["table"] == name]
+        print(f"  {name}: " + _summary([o for o, _ in sub], [a for _, a in sub]))
+    print(f"  all : {_summary(main_rows, ats['main'])}; lensray fit time {seconds:.2f} s for {len(main_rows)} cells")
 
-    print("\nknob sensitivity (one knob varied, others at default): mean PearCorr gain over AtS / worst cell")
+    print("\nvalidation suites (lensray defaults)")
+    for k in study:
+        print(f"  {k:>7}: {_summary(_rows(study[k], LensraySelector()), ats[k])}")
+
+    print("\nRelAcc of picking the lowest measured loss at D (the loss at D known exactly)")
+    for c in tables:
+        truth = c.loss_at(TARGET)
+        cells = [(int(d), relacc(truth, int(np.argmin(c.loss_at(int(d)))))) for d in c.D if 25_600 <= d <= TARGET // 2]
+        print(f"  {c.name}: " + " ".join(f"D={d}: {r:.1f}" for d, r in cells))
+
+    if not sweep:
+        return
+    print("\nknob sensitivity (one knob varied, others at default): per suite "
+          "mean PearCorr gain over AtS / worst cell, RelAcc, coverage")
     for knob, values in KNOBS.items():
         for v in values:
-            parts = []
-            for c in tables:
-                rows = _rows(c, LensraySelector(**{knob: v}))
-                gain = np.array([r["pearson"] for r in rows]) - np.array([r["pearson"] for r in ats[c.name]])
-                cover = np.mean([r["coverage90"] for r in rows])
-                parts.append(f"{c.name} {gain.mean():+5.2f} / {gain.min():+5.2f} cov {cover:.2f}")
-            print(f"  {knob:>16} = {v:<5} " + " | ".join(parts))
+            selector = LensraySelector(**{knob: v})
+            print(f"  {knob} = {v}")
+            for k in study:
+                print(f"    {k:>7}: {_summary(_rows(study[k], selector), ats[k])}")
 
 
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    sweep = "--no-sweep" not in args
+    files = [Path(a) for a in args if a != "--no-sweep"]
     default = Path(__file__).resolve().parents[2] / "shared" / "benchmarks"
-    args = [Path(a) for a in sys.argv[1:]] or [default / "flan.csv", default / "wmt19.csv"]
-    main(args)
+    main(files or [default / "flan.csv", default / "wmt19.csv"], sweep)

@@ -1,5 +1,6 @@
-"""Selection methods: Prediction shape and ranking, failed rows, lensray intervals, and the
-figures on the shared tables (AtS reproduces the reference; lensray's targets)."""
+"""Selection methods: Prediction shape and ranking, failed rows, lensray's saturation and
+intervals, and the figures on the shared tables (AtS reproduces the reference; lensray's
+targets), on pseudo-protocols with nearer targets and on synthetic zoos."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from lensray.benchmark import run_benchmark
 from lensray.curves import Curves, load_curves_csv
 from lensray.errors import LensrayInputError
 from lensray.selection import SELECTORS, LensraySelector, Prediction, get_selector
+from lensray.synthetic_zoo import synthetic_zoo
 
 TARGET = 204800
 RATIOS = [8, 16, 32, 64, 128, 256, 512]
@@ -85,6 +87,45 @@ def test_lensray_intervals_contain_the_predictions_and_widen_with_distance():
     assert np.all(np.log(far.hi / far.lo) > np.log(near.hi / near.lo))
 
 
+def _steepening_zoo() -> Curves:
+    """Curves whose log-log slope grows by 10 % per doubling, from different starting slopes."""
+    x = np.arange(8.0)  # log2(D / 200)
+    start = np.array([-0.02, -0.04, -0.06, -0.08, -0.10])
+    slope = start[:, None] * 1.1 ** x[None, :]
+    logL = 1.5 + np.concatenate([np.zeros((5, 1)), np.cumsum(slope[:, 1:], axis=1)], axis=1)
+    D = 200.0 * 2.0**x
+    return Curves([f"m{i}" for i in range(5)], np.concatenate([[0.0], D]),
+                  np.column_stack([np.full(5, 4.0), np.exp(logL)]))
+
+
+def _tangent_forecast(curves: Curves, i: int, target: float, k: int = 3) -> float:
+    x, y = np.log2(curves.D[-k:]), np.log(curves.L[i, -k:])
+    a, b = np.polyfit(x, y, 1)
+    return float(np.exp(a * np.log2(target) + b))
+
+
+def test_lensray_steepens_curves_up_to_the_zoo_steepest_slope_only():
+    curves, target = _steepening_zoo(), 1638400.0
+    pred = LensraySelector(cap_quantile=0.0).predict(curves, target)
+    tangent = np.array([_tangent_forecast(curves, i, target) for i in range(5)])
+    # the steepest curve sets the cap: it keeps its tangent; the others steepen below theirs
+    assert pred.loss[4] == pytest.approx(tangent[4], rel=1e-9)
+    assert np.all(pred.loss[:4] < tangent[:4] * (1 - 1e-3))
+    # but never beyond the cap: from its tangent level at the last point, each curve falls by
+    # at most the cap slope per doubling
+    x = np.log2(curves.D[-3:]) - np.log2(curves.D[-1])
+    level = np.array([np.polyfit(x, np.log(curves.L[i, -3:]), 1)[1] for i in range(5)])
+    cap = np.polyfit(x, np.log(curves.L[4, -3:]), 1)[0]
+    assert np.all(np.log(pred.loss) >= level + cap * np.log2(target / curves.D[-1]) - 1e-9)
+
+
+def test_lensray_extrapolates_a_lone_curve_along_its_tangent():
+    curves, target = _steepening_zoo().take([2]), 1638400.0
+    pred = LensraySelector().predict(curves, target)
+    assert pred.loss[0] == pytest.approx(_tangent_forecast(curves, 0, target), rel=1e-9)
+    assert np.isnan(pred.lo[0]) and np.isnan(pred.hi[0])  # one curve: no zoo backtest
+
+
 def test_lensray_is_invariant_to_row_order():
     curves = _zoo(8, seed=5)
     perm = np.random.default_rng(1).permutation(8)
@@ -126,11 +167,36 @@ def test_lensray_relacc_is_at_least_ats_on_average(figures):
     assert ours >= ats
 
 
-@pytest.mark.xfail(strict=True, reason="measured 95.7 (FLAN 92.2, WMT19 99.2): the 97 target is not reached")
+@pytest.mark.xfail(strict=True, reason="measured 95.7 (FLAN 92.2, WMT19 99.2): the 97 target is not reached; "
+                   "picking the lowest measured loss at any D up to D*/2 scores 96.2 on these tables")
 def test_lensray_relacc_target_97(figures):
     assert np.mean([r["relacc"] for t in REF_ATS for r in figures[t, "lensray"]]) >= 97.0
 
 
 def test_lensray_intervals_cover_eighty_percent(figures):
-    cov = np.mean([r["coverage90"] for t in REF_ATS for r in figures[t, "lensray"]])
-    assert cov >= 0.8
+    cov = [r["coverage90"] for t in REF_ATS for r in figures[t, "lensray"]]
+    assert np.mean(cov) >= 0.8  # measured 0.93
+    assert min(cov) >= 0.65  # measured 0.70 (FLAN r = 128, 256: the zoo's curves all steepen more than foreseen)
+
+
+@pytest.mark.parametrize("table", sorted(REF_ATS))
+def test_lensray_beats_ats_on_a_nearer_target_pseudo_protocol(benchmarks_dir, table):
+    """Target 819,200 with r = 8..256: validation that never reads the D* = 1,638,400 column."""
+    curves = load_curves_csv(benchmarks_dir / f"{table}.csv")
+    rows = run_benchmark(curves, RATIOS[:-1], ["ats", "lensray"], target=819200)
+    ats = np.array([r["pearson"] for r in rows if r["method"] == "ats"])
+    ours = np.array([r["pearson"] for r in rows if r["method"] == "lensray"])
+    assert np.all(ours >= ats), list(zip(ours.round(2), ats.round(2)))  # measured worst cell +0.05 (WMT19 r = 16)
+    assert ours.mean() - ats.mean() >= 2.0  # measured +4.4 on average over both tables
+
+
+def test_lensray_beats_ats_on_synthetic_zoos_on_average():
+    gains, cover = [], []
+    for seed in range(4):
+        rows = run_benchmark(synthetic_zoo(30, seed, 0.01), RATIOS, ["ats", "lensray"])
+        ats = [r["pearson"] for r in rows if r["method"] == "ats"]
+        ours = [r for r in rows if r["method"] == "lensray"]
+        gains.append(np.mean([r["pearson"] for r in ours]) - np.mean(ats))
+        cover += [r["coverage90"] for r in ours]
+    assert np.mean(gains) > 0.5  # measured +0.96
+    assert np.mean(cover) >= 0.85  # measured 0.94
