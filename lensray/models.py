@@ -199,13 +199,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _hub_folder(model_id: str, allow_pickle: bool) -> Path:
-    """Fetch (or find in the cache) the files of a hub model; fails fast when offline."""
+def _hub_folder(model_id: str, allow_pickle: bool, trust_remote_code: bool) -> Path:
+    """Fetch (or find in the cache) the files of a hub model; fails fast when offline.
+
+    Only what loading needs is fetched: configs, safetensors, tokenizer files; pickle
+    weights only with ``allow_pickle``, Python files only with ``trust_remote_code``.
+    """
     from huggingface_hub import snapshot_download
 
     if not _HUB_ID.match(model_id):
         raise LensrayInputError(f"model {model_id!r} is neither a local folder nor a valid hub id")
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"] + (["*.bin"] if allow_pickle else [])
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+    patterns += (["*.bin"] if allow_pickle else []) + (["*.py"] if trust_remote_code else [])
     local_only = hub_offline()
     try:
         return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=local_only))
@@ -217,7 +222,7 @@ def _hub_folder(model_id: str, allow_pickle: bool) -> Path:
         raise LensrayInputError(f"model {model_id!r} could not be fetched from the hub: {reason}") from exc
 
 
-def resolve_model_dir(model_id: str, allow_pickle: bool = False) -> Path:
+def resolve_model_dir(model_id: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> Path:
     """Local folder holding the candidate's config, weights and tokenizer."""
     if model_id.startswith("tiny:"):
         return ensure_tiny(model_id)
@@ -228,7 +233,7 @@ def resolve_model_dir(model_id: str, allow_pickle: bool = False) -> Path:
         if not path.is_dir():
             raise LensrayInputError(f"model path {model_id} is not a folder")
         return path
-    return _hub_folder(model_id, allow_pickle)
+    return _hub_folder(model_id, allow_pickle, trust_remote_code)
 
 
 def check_weights(folder: Path, model_id: str, allow_pickle: bool) -> bool:
@@ -289,7 +294,7 @@ def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
     transformers.utils.logging.disable_progress_bar()
     if trust_remote_code:
         log.warning("candidate %s: trust_remote_code is set; code from its repository will run", model_id_or_path)
-    folder = resolve_model_dir(model_id_or_path, allow_pickle)
+    folder = resolve_model_dir(model_id_or_path, allow_pickle, trust_remote_code)
     safetensors = check_weights(folder, model_id_or_path, allow_pickle)
     if not trust_remote_code and _needs_remote_code(folder):
         raise LensrayInputError(

@@ -141,3 +141,19 @@ def test_corrupt_weights_are_an_input_error(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LensrayInputError, match="cannot be loaded"):
         load_candidate(str(tmp_path))
+
+
+def test_cached_hub_id_loads_offline_through_the_hub_path(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    model, tok, _ = load_candidate("tiny:gpt2:n_layer=1,n_embd=32")
+    repo = tmp_path / "models--lensray-test--tiny-gpt2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    tok.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded, tok2, kind = load_candidate("lensray-test/tiny-gpt2")
+    assert kind == "causal" and torch.equal(_logits(model, tok, kind), _logits(loaded, tok2, kind))
