@@ -208,6 +208,7 @@ class ProbeRunner:
         self.faults = faults if faults is not None else FaultInjector.from_env()
         self._model: Any = None
         self._ntk_cache: dict[int, Any] = {}
+        self._eval_batch = self.probe.eval_batch  # shrinks with the micro-batch after an out-of-memory error
 
     # ------------------------------------------------------------------ setup
 
@@ -298,9 +299,10 @@ class ProbeRunner:
 
         self._model.eval()
         total, count = 0.0, 0
+        size = self._eval_batch
         with torch.no_grad():
-            for i in range(0, len(encoded), self.probe.eval_batch):
-                nll, n = self._batch_nll(collate(encoded[i : i + self.probe.eval_batch], self.pad_id, self.kind))
+            for i in range(0, len(encoded), size):
+                nll, n = self._batch_nll(collate(encoded[i : i + size], self.pad_id, self.kind))
                 total += float(nll)
                 count += n
         return total / max(count, 1)
@@ -443,6 +445,7 @@ class ProbeRunner:
         status, error, steps, tokens, loss, train_seconds = "ok", None, 0, 0, None, 0.0
         while True:
             self.reset()
+            self._eval_batch = max(1, self.probe.eval_batch * mb // self.probe.micro_batch)
             try:
                 steps, tokens, train_seconds = self._train(train, lr, mb, ga, seed) if n_samples else (0, 0, 0.0)
                 loss = self.test_loss()

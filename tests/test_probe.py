@@ -119,6 +119,22 @@ def test_oom_down_to_micro_batch_one_fails(data):
     assert "out of memory at micro_batch 1" in r.error
 
 
+def test_out_of_memory_also_shrinks_the_evaluation_batch(data):
+    r = runner(data, eval_batch=64, faults=FaultInjector(oom_above=2))
+    r.run(32)
+    assert r._eval_batch == 16  # 64 * 2 / 8, as for the micro-batch
+
+
+@pytest.mark.parametrize("schedule, at_end", [("cosine", 0.0), ("linear", 0.0), ("constant", 1.0)])
+def test_learning_rate_schedules(schedule, at_end):
+    from lensray.probe import _lr_factor
+
+    factors = [_lr_factor(schedule, s, 100, 10) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == 1.0 and max(factors) == 1.0
+    assert factors[-1] == pytest.approx(at_end, abs=0.02)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+
+
 def test_faults_from_the_environment(monkeypatch):
     monkeypatch.setenv("LENSRAY_FAULTS", "oom_above=2,nan_at_step=3,nan_above_lr=1e-3")
     assert FaultInjector.from_env() == FaultInjector(oom_above=2, nan_at_step=3, nan_above_lr=1e-3)
