@@ -37,7 +37,7 @@ class Forecast:
         Predicted loss at D* (NaN when the curve could not be fitted).
     lo, hi : float
         Lower (optimistic) and upper (pessimistic) ends of its interval at D*; NaN when the
-        predictor gives none, in which case the point prediction stands for both ends.
+        predictor gives none (then the forecast can neither stop its candidate nor stop others).
     """
 
     candidate: str
@@ -49,13 +49,13 @@ class Forecast:
 
     @property
     def optimistic(self) -> float:
-        """Lower end of the interval (the point prediction when there is no interval)."""
-        return self.lo if math.isfinite(self.lo) else self.loss
+        """Lower end of the interval; -inf without one (nothing known rules the candidate out)."""
+        return self.lo if math.isfinite(self.lo) else -math.inf
 
     @property
     def pessimistic(self) -> float:
-        """Upper end of the interval (the point prediction when there is no interval)."""
-        return self.hi if math.isfinite(self.hi) else self.loss
+        """Upper end of the interval; +inf without one (nothing known guarantees the candidate)."""
+        return self.hi if math.isfinite(self.hi) else math.inf
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,9 @@ def prune_decision(
     prediction (upper ends of the intervals) among the *other* candidates that have also
     passed the grace. Then at least ``top_k`` others are, even in the worst case for them and
     the best case for this candidate, predicted better than it: it cannot enter the top-k.
-    Others without a finite pessimistic prediction do not count; with fewer than ``top_k``
-    qualified others nothing is stopped.
+    A forecast without an interval (NaN ends, e.g. too few curves to calibrate one) never stops
+    its candidate and never counts as a rival; with fewer than ``top_k`` qualified rivals
+    nothing is stopped. Equal bounds keep the candidate.
 
     Parameters
     ----------
@@ -132,18 +133,29 @@ def forecast_from_result(result: Mapping) -> Optional[Forecast]:
         return None
 
 
+Forecaster = Callable[[Mapping[str, Mapping[int, float]]], Mapping[str, Forecast]]
+"""Observed losses of every candidate (id -> {D: loss}) -> a forecast per candidate."""
+
+
 class CurvePruner(FIFOScheduler):
     """Stops candidates whose optimistic prediction at D* cannot reach the top-k.
 
     Each trial is one candidate; it reports after every probe a result with the keys
-    ``candidate``, ``n_samples`` (the time attribute), ``points`` (observed points with
-    D > 0), ``predicted_loss``, ``pred_lo`` and ``pred_hi`` (its interval at D*). The
-    scheduler keeps the latest forecast of every candidate, finished ones included, and
-    applies :func:`prune_decision` to each new result: after a grace of ``grace_points``
-    observed points, a candidate is stopped when its optimistic prediction (lower end of its
-    interval) is worse than the ``top_k``-th best pessimistic prediction (upper ends) among the
-    other candidates. It only ever returns CONTINUE or STOP, never PAUSE: a paused trial
-    loses its worker group and reloads its weights on resume.
+    ``candidate``, ``n_samples`` (the time attribute), ``loss`` (the probe's test loss) and its
+    own forecast: ``points`` (observed points with D > 0), ``predicted_loss``, ``pred_lo`` and
+    ``pred_hi`` (its interval at D*). The scheduler keeps the latest forecast of every
+    candidate, finished ones included, and applies :func:`prune_decision` to each new result:
+    after a grace of ``grace_points`` observed points, a candidate is stopped when its
+    optimistic prediction (lower end of its interval) is worse than the ``top_k``-th best
+    pessimistic prediction (upper ends) among the other candidates. It only ever returns
+    CONTINUE or STOP, never PAUSE: a paused trial loses its worker group and reloads its
+    weights on resume.
+
+    With a ``forecaster`` the scheduler also keeps every candidate's observed points and, when
+    a candidate past the grace reports, refreshes all forecasts from the whole zoo's curves
+    (predictors that share strength across candidates, and calibrate their intervals on the
+    zoo, need that context; one trial only sees its own curve). Without one it uses the
+    forecasts the trials report.
 
     Parameters
     ----------
@@ -151,8 +163,12 @@ class CurvePruner(FIFOScheduler):
         How many candidates the rule protects.
     grace_points : int
         Observed points (D > 0) before a candidate can be stopped.
+    forecaster : callable, optional
+        Zoo-context forecasts from observed points (see :data:`Forecaster`).
+    observed : mapping, optional
+        Points observed before this run (a resumed run): id -> {D: loss}.
     known : iterable of Forecast, optional
-        Forecasts of candidates that run in no trial (finished in an earlier, resumed run).
+        Forecasts of candidates that run in no trial (without a forecaster).
     on_stop : callable, optional
         Called with the :class:`Stop` record the moment a candidate is stopped (to persist it).
     """
@@ -161,6 +177,8 @@ class CurvePruner(FIFOScheduler):
         self,
         top_k: int = 1,
         grace_points: int = 3,
+        forecaster: Optional[Forecaster] = None,
+        observed: Mapping[str, Mapping[int, float]] | None = None,
         known: Iterable[Forecast] = (),
         on_stop: Optional[Callable[[Stop], None]] = None,
     ) -> None:
@@ -169,6 +187,8 @@ class CurvePruner(FIFOScheduler):
         super().__init__()
         self._top_k = top_k
         self._grace = grace_points
+        self._forecaster = forecaster
+        self._observed: dict[str, dict[int, float]] = {c: dict(p) for c, p in (observed or {}).items()}
         self._latest: dict[str, Forecast] = {f.candidate: f for f in known}
         self._on_stop = on_stop
         self.stopped: dict[str, Stop] = {}
@@ -183,32 +203,42 @@ class CurvePruner(FIFOScheduler):
         """Latest forecast per candidate."""
         return dict(self._latest)
 
+    def _refresh(self, candidate: str) -> Optional[Forecast]:
+        """Zoo-context forecasts, when the reporting candidate is past the grace."""
+        points = sum(1 for d in self._observed.get(candidate, {}) if d > 0)
+        if self._forecaster is None or points < self._grace:
+            return self._latest.get(candidate)
+        self._latest.update(self._forecaster(self._observed))
+        return self._latest.get(candidate)
+
     def on_trial_result(self, tune_controller: "TuneController", trial: Trial, result: dict) -> str:
+        cid = str(result.get("candidate"))
         if result.get("failed"):
-            # a failed candidate is no rival: its last forecast must not stop the others
-            self._latest.pop(str(result.get("candidate")), None)
+            # a failed candidate is no rival: its forecast must not stop the others
+            self._latest.pop(cid, None)
+            self._observed.pop(cid, None)
             return TrialScheduler.CONTINUE
-        own = forecast_from_result(result)
+        if TIME_ATTR in result and result.get("loss") is not None:
+            self._observed.setdefault(cid, {})[int(result[TIME_ATTR])] = float(result["loss"])
+        reported = forecast_from_result(result)
+        if reported is not None:
+            self._latest[cid] = reported
+        own = self._refresh(cid)
         if own is None:
             return TrialScheduler.CONTINUE
-        self._latest[own.candidate] = own
         reason = prune_decision(own, self._latest.values(), self._top_k, self._grace)
         if reason is None:
             return TrialScheduler.CONTINUE
-        stop = Stop(own.candidate, own.n_samples, reason)
-        self.stopped[own.candidate] = stop
+        stop = Stop(cid, own.n_samples, reason)
+        self.stopped[cid] = stop
         if self._on_stop is not None:
             self._on_stop(stop)
         return TrialScheduler.STOP
 
-    def on_trial_complete(self, tune_controller: "TuneController", trial: Trial, result: dict) -> None:
-        own = forecast_from_result(result or {})
-        if own is not None:
-            self._latest[own.candidate] = own
-
     def on_trial_error(self, tune_controller: "TuneController", trial: Trial) -> None:
-        # a failed candidate is no rival: its last forecast must not stop the others
-        self._latest.pop(str(trial.config.get("candidate")), None)
+        cid = str(trial.config.get("candidate"))
+        self._latest.pop(cid, None)
+        self._observed.pop(cid, None)
 
     def debug_string(self) -> str:
         return (
@@ -217,11 +247,11 @@ class CurvePruner(FIFOScheduler):
         )
 
     def save(self, checkpoint_path: str) -> None:
-        state = {"latest": self._latest, "stopped": self.stopped}
+        state = {"latest": self._latest, "observed": self._observed, "stopped": self.stopped}
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(state, fh)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             state = pickle.load(fh)
-        self._latest, self.stopped = state["latest"], state["stopped"]
+        self._latest, self._observed, self.stopped = state["latest"], state["observed"], state["stopped"]

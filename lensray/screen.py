@@ -53,6 +53,9 @@ Backend = Literal["train", "replay"]
 DECISIONS_DIR = "decisions"
 TRAIN_MAX_FAILURES = 2
 """Worker-group restarts Ray Train allows per candidate (a killed worker, a lost node)."""
+TRIAL_CPUS = 0.01
+"""CPU share of a train-backend trial itself: it only drives its TorchTrainer, whose workers
+hold the real resources (a zero request is refused by Tune)."""
 TUNE_MAX_FAILURES = 1
 """Restarts Tune allows a trial whose trainable itself crashed."""
 
@@ -122,12 +125,12 @@ def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int]) -> list[
 
 
 def _selector(method: str, level: float) -> Any:
-    from lensray.selection import get_selector
+    """The configured selector; its intervals have the selection layer's fixed level."""
+    from lensray.selection import LEVEL, get_selector
 
-    try:
-        return get_selector(method, level=level)
-    except TypeError:
-        return get_selector(method)
+    if abs(level - LEVEL) > 1e-12:
+        log.warning("predictor.level %g: the selection layer's intervals are at %g", level, LEVEL)
+    return get_selector(method)
 
 
 def forecast(
@@ -162,6 +165,33 @@ def forecast(
     if pred.params is not None:
         out["params"] = [float(v) for v in np.asarray(pred.params)[0].reshape(-1)]
     return out
+
+
+def zoo_forecaster(method: str, level: float, grid: list[int], target: int, sizes: Mapping[str, Optional[float]],
+                   families: Mapping[str, Optional[str]]):
+    """The scheduler's forecaster: every candidate's points so far, fitted together (zoo context)."""
+    selector = _selector(method, level)
+    D = np.array(grid, dtype=float)
+    col = {d: j for j, d in enumerate(grid)}
+
+    def run(observed: Mapping[str, Mapping[int, float]]) -> dict[str, Forecast]:
+        ids = [cid for cid, pts in observed.items() if pts]
+        if not ids:
+            return {}
+        L = np.full((len(ids), len(grid)), np.nan)
+        for i, cid in enumerate(ids):
+            for d, loss in observed[cid].items():
+                if d in col:
+                    L[i, col[d]] = loss
+        size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
+        pred = selector.predict(Curves(ids, D, L, size, [families.get(c) for c in ids]), target)
+        return {
+            cid: Forecast(cid, max(observed[cid]), sum(1 for d in observed[cid] if d > 0),
+                          float(pred.loss[i]), float(pred.lo[i]), float(pred.hi[i]))
+            for i, cid in enumerate(ids)
+        }
+
+    return run
 
 
 def curves_from_store(ids: list[str], grid: list[int], records: list[dict], sizes: Mapping[str, float],
@@ -262,6 +292,8 @@ def _probe_loop(loop_config: dict) -> None:
     for d in ctx.grid:
         if d in losses:
             continue
+        if _agreed(rank, read_decision(store, cid) is not None if rank == 0 else False):
+            return  # pruned while the last report travelled to Tune: run no further probe
         result = runner.run(d)
         record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time()}
         if result.status != "ok":
@@ -275,6 +307,17 @@ def _probe_loop(loop_config: dict) -> None:
         losses[d] = float(result.test_loss)
         metrics = _report_record(ctx, cid, record, losses) if rank == 0 else {}
         ray.train.report(metrics)
+
+
+def _agreed(rank: int, flag: bool) -> bool:
+    """Rank 0's flag on every rank (one broadcast when several workers run)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def train_trainable(config: dict, ctx: TrialContext) -> None:
@@ -365,6 +408,51 @@ def _progress_callback(total: int, known: dict[str, str], flops_start: float, fu
     return Progress()
 
 
+def remove_orphan_placement_groups() -> int:
+    """Remove this job's placement groups whose creating actor is dead; returns how many.
+
+    A stopped trial's actor dies, and with it the Train controller it owns, but the worker
+    placement group the controller created lives on while the job does (ray#54305). Ray Train's
+    own PlacementGroupCleaner needs the State API, which fails when several Ray instances run on
+    one machine, so the driver reaps them itself (through the GCS table: creator_actor_dead).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    live = (gcs_pb2.PlacementGroupTableData.PENDING, gcs_pb2.PlacementGroupTableData.CREATED,
+            gcs_pb2.PlacementGroupTableData.RESCHEDULING)
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        by_actor = pg.creator_actor_id.strip(b"\xff") != b""  # a nil ActorID is all 0xff: created by a driver
+        if (by_actor and pg.creator_actor_dead and not pg.is_detached and pg.state in live
+                and pg.creator_job_id.hex() == job):
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
+def _reaper_callback(every: float = 1.0):
+    """A Tune callback that frees orphaned worker placement groups of stopped trials."""
+    from ray import tune
+
+    class Reaper(tune.Callback):
+        def __init__(self) -> None:
+            self.last = -math.inf
+            self.removed = 0
+
+        def on_step_begin(self, iteration, trials, **info) -> None:
+            now = time.perf_counter()
+            if now - self.last >= every:
+                self.last = now
+                self.removed += remove_orphan_placement_groups()
+
+    return Reaper()
+
+
 # ---------------------------------------------------------------------------------------------
 # the screening
 
@@ -375,12 +463,11 @@ def _init_ray(config: ScreenConfig) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                              "configure_logging": True, "logging_level": logging.WARNING}
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
     if config.ray.address:
         ray.init(address=config.ray.address, **kwargs)
     else:
-        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, **kwargs)
+        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=False, **kwargs)
     return True
 
 
@@ -483,15 +570,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
     if replay is not None:
         col = {int(d): j for j, d in enumerate(replay.D)}
         ctx.replay = {cid: {d: float(replay.L[i, col[d]]) for d in grid} for i, cid in enumerate(replay.ids)}
-    known, states = [], {}
-    for p in plans:
-        fc = forecast(ctx.method, ctx.level, p.candidate.id, grid, ctx.done[p.candidate.id], ctx.target,
-                      info[p.candidate.id]["size"], info[p.candidate.id]["family"])
-        if fc["points"]:
-            last = max(p.done)
-            known.append(Forecast(p.candidate.id, last, fc["points"], fc["predicted_loss"], fc["pred_lo"], fc["pred_hi"]))
-        if not p.needs_trial:
-            states[p.candidate.id] = "pruned" if p.decision else "done"
+    states = {p.candidate.id: ("pruned" if p.decision else "done") for p in plans if not p.needs_trial}
     todo = [p.candidate.id for p in plans if p.needs_trial]
     spent = sum(float(r.get("flops") or 0.0) for p in plans for r in p.done.values())
     full = _full_tuning(config, info, store.get_all() if backend == "train" else [])
@@ -504,11 +583,14 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
 
     if not todo:
         return {}
-    scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, known=known, on_stop=on_stop)
+    forecaster = zoo_forecaster(ctx.method, ctx.level, grid, ctx.target, {c: i["size"] for c, i in info.items()},
+                                {c: i["family"] for c, i in info.items()})
+    scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
+                            observed=ctx.done, on_stop=on_stop)
     if backend == "replay":
         trainable = tune.with_resources(tune.with_parameters(replay_trainable, ctx=ctx), {"cpu": 1})
     else:
-        trainable = tune.with_resources(tune.with_parameters(train_trainable, ctx=ctx), {"cpu": 0})
+        trainable = tune.with_resources(tune.with_parameters(train_trainable, ctx=ctx), {"cpu": TRIAL_CPUS})
     tuner = tune.Tuner(
         trainable,
         param_space={"candidate": tune.grid_search(todo)},
@@ -521,7 +603,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
             name=f"tune-{int(time.time())}",
             storage_path=_storage_path(store, "tune"),
             failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
-            callbacks=[bar] if bar is not None else None,
+            callbacks=[cb for cb in (bar, _reaper_callback() if backend == "train" else None) if cb is not None],
             verbose=0,
         ),
     )

@@ -51,12 +51,10 @@ def test_own_entry_among_others_is_ignored():
     assert prune_decision(own, [own, fc("x", 1.0, 1.1)]) is None
 
 
-def test_missing_interval_falls_back_to_point_prediction():
-    own = Forecast("x", 800, 3, 2.0, math.nan, math.nan)
-    assert prune_decision(own, [Forecast("a", 800, 3, 1.5, math.nan, math.nan)]) is not None
-    unfitted = Forecast("x", 800, 3, math.nan, math.nan, math.nan)
-    assert prune_decision(unfitted, [fc("a", 1.0, 1.1)]) is None
-    assert prune_decision(fc("x", 2.0, 2.2), [unfitted]) is None
+def test_forecast_without_interval_neither_stops_nor_counts():
+    no_interval = Forecast("x", 800, 3, 3.0, math.nan, math.nan)
+    assert prune_decision(no_interval, [fc("a", 1.0, 1.1)]) is None
+    assert prune_decision(fc("y", 2.0, 2.2), [Forecast("a", 800, 3, 1.0, math.nan, math.nan)]) is None
 
 
 def test_bad_parameters_raise():
@@ -79,6 +77,24 @@ def test_scheduler_keeps_latest_forecast_and_records_reason():
     sched.on_trial_result(None, None, _result("a", 1.6, 2.4, points=4))
     assert sched.on_trial_result(None, None, _result("c", 1.7, 1.8)) == TrialScheduler.CONTINUE
     assert sched.forecasts["a"].points == 4
+
+
+def test_forecaster_refreshes_all_forecasts_from_the_zoo():
+    calls = []
+
+    def forecaster(observed):
+        calls.append({c: dict(p) for c, p in observed.items()})
+        # a stand-in zoo model: every candidate's last loss, +-0.1
+        return {c: Forecast(c, max(p), sum(d > 0 for d in p), p[max(p)], p[max(p)] - 0.1, p[max(p)] + 0.1)
+                for c, p in observed.items()}
+
+    sched = CurvePruner(grace_points=3, forecaster=forecaster, observed={"done": {200: 1.0, 400: 0.9, 800: 0.8}})
+    for n, loss in [(200, 2.0), (400, 1.9)]:
+        assert sched.on_trial_result(None, None, {"candidate": "b", "n_samples": n, "loss": loss}) == "CONTINUE"
+    assert calls == []  # nothing to decide before the grace
+    assert sched.on_trial_result(None, None, {"candidate": "b", "n_samples": 800, "loss": 1.8}) == "STOP"
+    assert calls[-1]["b"] == {200: 2.0, 400: 1.9, 800: 1.8} and "done" in calls[-1]
+    assert "done (0.9)" in sched.stopped["b"].reason
 
 
 def test_failed_candidate_is_no_rival():
