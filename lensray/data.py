@@ -347,6 +347,9 @@ class Encoded:
 def encode(examples: list[Example], tokenizer: Any, kind: Literal["causal", "seq2seq"], max_length: int) -> list[Encoded]:
     """Tokenise examples for a causal LM (prompt + target + EOS, loss on target + EOS) or a
     seq2seq model (encoder: prompt, decoder labels: target + EOS), truncating to ``max_length``.
+
+    A causal example that is too long loses the start of its prompt first (down to half of
+    ``max_length``), then the end of its target, so every example keeps target tokens.
     """
     if not examples:
         return []
@@ -359,9 +362,12 @@ def encode(examples: list[Example], tokenizer: Any, kind: Literal["causal", "seq
         if kind == "seq2seq":
             out.append(Encoded(input_ids=list(p)[:max_length] or [eos], labels=[], decoder_labels=t[:max_length]))
         else:
-            ids = (list(p) + t)[:max_length]
-            labels = ([-100] * len(p) + t)[:max_length]
-            out.append(Encoded(input_ids=ids, labels=labels))
+            p = list(p)
+            if len(p) + len(t) > max_length:
+                keep = min(len(p), max(max_length - len(t), max_length // 2))
+                p = p[len(p) - keep :]
+                t = t[: max_length - keep]
+            out.append(Encoded(input_ids=p + t, labels=[-100] * len(p) + t))
     return out
 
 

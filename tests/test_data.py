@@ -192,7 +192,11 @@ def test_causal_encoding_masks_prompt_and_truncates():
     assert tok.decode(enc.input_ids) == "abc=XY" + tok.eos_token
     assert enc.labels[:4] == [-100] * 4 and enc.labels[4:] == enc.input_ids[4:]
     (short,) = encode(examples, tok, "causal", max_length=5)
-    assert len(short.input_ids) == 5 and short.labels[-1] == short.input_ids[-1]
+    assert tok.decode(short.input_ids) == "c=XY" + tok.eos_token  # the prompt loses its start first
+    assert short.labels == [-100, -100] + short.input_ids[2:]
+    long, _ = clean_rows(TaskConfig(), [{"input": "p" * 50, "target": "T" * 50}])
+    (trunc,) = encode(long, tok, "causal", max_length=20)
+    assert len(trunc.input_ids) == 20 and sum(x != -100 for x in trunc.labels) == 10  # half kept for the target
 
 
 def test_seq2seq_encoding_and_collate_pad_labels():
