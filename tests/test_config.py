@@ -144,6 +144,9 @@ def test_shipped_configs_load():
     flan = load_config(REPO / "configs" / "flan-zoo.yaml")
     assert len(flan.zoo) == 30 and all(c.gpus >= 1 for c in flan.zoo)
     assert flan.target_samples == 1_638_400
+    example = load_config(REPO / "configs" / "example-jsonl.yaml")
+    assert example.candidate("my-checkpoint").source == "./checkpoints/my-model"
+    assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == ["demo.yaml", "example-jsonl.yaml", "flan-zoo.yaml"]
 
 
 def test_flan_zoo_matches_the_benchmark_table(benchmarks_dir):
