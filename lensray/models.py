@@ -131,7 +131,11 @@ def _pretrain(model: Any, tokenizer: Any, kind: Kind, steps: int, seed: int) -> 
                  for _ in range(16)]
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        loss = model(**enc, labels=labels).loss
+        if kind == "seq2seq":
+            loss = model(**enc, labels=labels).loss
+        else:
+            logits = model(**enc).logits[:, :-1]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
