@@ -1,0 +1,170 @@
+"""Screening pieces that need no Ray: CLI validation before any Ray work, the resume plan,
+decisions, the zoo forecaster, the driver's ranking and compute bill, exit codes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from lensray.cli import main
+from lensray.config import load_config
+from lensray.screen import (
+    finish, make_plan, max_concurrent, read_decision, write_decision, zoo_forecaster,
+)
+from lensray.screen_cli import summarise
+from lensray.store import ProbeStore
+from lensray.synthetic_zoo import synthetic_zoo, write_curves_csv
+
+TARGET = 1_638_400
+
+
+@pytest.fixture()
+def zoo_csv(tmp_path):
+    return write_curves_csv(synthetic_zoo(6, seed=3), tmp_path / "zoo.csv")
+
+
+def _no_ray() -> bool:
+    import ray
+
+    return not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["--max-samples", "1638400", "--target-samples", "1638400"], "max_samples"),
+        (["--target-samples", "1638400"], "--max-samples"),
+        (["--max-samples", "400", "--target-samples", "1638400"], "budget"),
+    ],
+)
+def test_replay_bad_arguments_fail_before_ray(zoo_csv, tmp_path, capsys, argv, field):
+    code = main(["screen", "--replay", str(zoo_csv), "--out", str(tmp_path / "out"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and field in err and len(err.strip().splitlines()) == 1
+    assert _no_ray()
+
+
+def test_replay_csv_without_candidate_column(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("model,0,200,400,800\nx,3,2,1.5,1.2\n")
+    assert main(["screen", "--replay", str(bad), "--max-samples", "800", "--out", str(tmp_path / "o")]) == 2
+    assert "config name" in capsys.readouterr().err and _no_ray()
+
+
+def test_config_errors_fail_before_ray(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\nzoo: []\n")
+    assert main(["screen", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "zoo" in capsys.readouterr().err and _no_ray()
+    cfg.write_text("name: x\ngird: {}\n")
+    assert main(["screen", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "did you mean 'grid'" in capsys.readouterr().err
+
+
+def test_replay_zoo_candidate_missing_from_table(zoo_csv, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("zoo: [{id: synth-0000}, {id: not-in-table}]\n")
+    code = main(["screen", str(cfg), "--replay", str(zoo_csv), "--max-samples", "3200", "--out", str(tmp_path / "o")])
+    assert code == 2 and "not-in-table" in capsys.readouterr().err
+
+
+def _config(tmp_path, ids=("a", "b", "c")):
+    return load_config({"zoo": [{"id": i, "size": 1e8} for i in ids], "storage": {"path": str(tmp_path / "o")},
+                        "grid": {"start": 200, "max_samples": 1600}, "target_samples": TARGET,
+                        "task": {"source": "synthetic"}}, check_task=False)
+
+
+def test_plan_skips_stored_probes_and_pruned_candidates(tmp_path):
+    config = _config(tmp_path)
+    store = ProbeStore(str(tmp_path / "o"))
+    grid = config.grid_sizes()
+    for d in grid:
+        store.put("a", {"n_samples": d, "status": "ok", "test_loss": 2.0})
+    for d in grid[:3]:
+        store.put("b", {"n_samples": d, "status": "ok", "test_loss": 2.0})
+    store.put("c", {"n_samples": 0, "status": "ok", "test_loss": 3.0})
+    write_decision(store, "c", "pruned", 0, "hand-made")
+    plans = {p.candidate.id: p for p in make_plan(config, store, grid)}
+    assert not plans["a"].needs_trial and plans["a"].todo == []
+    assert plans["b"].todo == grid[3:] and plans["b"].needs_trial
+    assert not plans["c"].needs_trial and plans["c"].decision["reason"] == "hand-made"
+
+
+def test_failed_decision_is_retried_on_resume(tmp_path):
+    config = _config(tmp_path)
+    store = ProbeStore(str(tmp_path / "o"))
+    write_decision(store, "b", "failed", None, "could not load")
+    plans = {p.candidate.id: p for p in make_plan(config, store, config.grid_sizes())}
+    assert plans["b"].needs_trial and plans["b"].decision is None
+    assert read_decision(store, "b")["status"] == "failed"
+
+
+def test_decision_of_another_candidate_is_ignored(tmp_path):
+    store = ProbeStore(str(tmp_path / "o"))
+    write_decision(store, "a", "pruned", 800, "x")
+    from lensray.screen import decision_name
+
+    store.write_text(decision_name("b"), json.dumps({"candidate": "a", "status": "pruned"}))
+    assert read_decision(store, "b") is None and read_decision(store, "a")["n_samples"] == 800
+
+
+def test_zoo_forecaster_uses_every_curve():
+    zoo = synthetic_zoo(8, seed=1).budget(6400)
+    grid = [int(d) for d in zoo.D]
+    observed = {cid: {d: float(zoo.L[i, j]) for j, d in enumerate(grid)} for i, cid in enumerate(zoo.ids)}
+    observed["synth-0007"] = {d: observed["synth-0007"][d] for d in grid[:4]}
+    fc = zoo_forecaster("lensray", 0.9, grid, TARGET, {}, {})(observed)
+    assert set(fc) == set(zoo.ids)
+    short = fc["synth-0007"]
+    assert short.points == 3 and short.n_samples == 800
+    assert all(math.isfinite(f.lo) and f.lo <= f.loss <= f.hi for f in fc.values())
+
+
+def test_max_concurrent_follows_resources(tmp_path):
+    config = _config(tmp_path)
+    assert max_concurrent(config, "replay", {"CPU": 2.0}) == 2
+    assert max_concurrent(config, "train", {"CPU": 2.0}) == 2
+    gpu = load_config({"zoo": [{"id": "a", "gpus": 1, "workers": 2}], "task": {"source": "synthetic"}},
+                      check_task=False)
+    assert max_concurrent(gpu, "train", {"CPU": 64.0, "GPU": 8.0}) == 4
+
+
+def test_finish_ranks_bills_and_writes_outputs(tmp_path):
+    config = _config(tmp_path, ids=("good", "bad", "cut", "broken"))
+    store = ProbeStore(str(tmp_path / "o"))
+    grid = config.grid_sizes()
+    zoo = synthetic_zoo(3, seed=5)
+    col = {int(d): j for j, d in enumerate(zoo.D)}
+    for i, cid in enumerate(("good", "bad", "cut")):
+        for d in grid if cid != "cut" else grid[:4]:
+            store.put(cid, {"n_samples": d, "status": "ok", "test_loss": float(zoo.L[i, col[d]]) * (1 + i),
+                            "flops": 6 * 1e8 * 35 * d, "wall_seconds": 0.1})
+    write_decision(store, "cut", "pruned", 800, "stopped after the probe at D=800: hand-made")
+    write_decision(store, "broken", "failed", None, "could not load broken: no such model")
+    sel = finish(config, store, grid, "replay", None, {}, 1.0)
+    status = {e["candidate"]: e["status"] for e in sel["ranking"]}
+    assert status == {"good": "finished", "bad": "finished", "cut": "pruned", "broken": "failed"}
+    assert [e["candidate"] for e in sel["ranking"]][-1] == "broken"
+    assert sel["selected"] == sel["ranking"][0]["candidate"]
+    spent = 6 * 1e8 * 35 * (2 * sum(grid) + sum(grid[:4]))
+    assert sel["compute"]["flops_spent"] == pytest.approx(spent)
+    assert sel["compute"]["flops_full_tuning"] == pytest.approx(4 * 6 * 1e8 * 35 * TARGET)
+    on_disk = json.loads((tmp_path / "o" / "selection.json").read_text())
+    assert on_disk["selected"] == sel["selected"]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "hand-made" in report and "no such model" in report
+    for name in ("probes.parquet", "curves.png"):
+        assert (tmp_path / "o" / name).stat().st_size > 0
+
+
+def test_summary_exit_codes(capsys):
+    row = {"candidate": "a", "status": "failed", "predicted_loss": None, "error": "boom"}
+    bill = {"flops_spent": 0.0, "flops_full_tuning": 0.0, "saved_fraction": None, "wall_seconds": 1.0}
+    assert summarise({"selected": None, "ranking": [row], "compute": bill}, "out") == 1
+    ok = {**row, "candidate": "b", "status": "finished", "predicted_loss": 1.0, "error": None}
+    assert summarise({"selected": "b", "ranking": [ok, row], "compute": bill}, "out") == 0
+    err = capsys.readouterr().err
+    assert "warning: candidate a failed: boom" in err
