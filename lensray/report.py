@@ -68,8 +68,8 @@ def write_report(
     target_samples
         D*, marked on the plot.
     fitted
-        Optional ``{candidate: (D, loss)}`` curves drawn as the fits; candidates without one get a
-        rectified-law fit of their observed points for display.
+        Optional ``{candidate: (D, loss)}``: the predictor's extrapolation from the largest observed D to
+        D* (:func:`predictor_curves`); without it the display fit is extended instead.
     title
         First heading of the report.
 
@@ -232,6 +232,19 @@ def _display_fits(losses: dict[str, dict[int, float]], grid: np.ndarray) -> dict
     return {c: pred[i] for i, c in enumerate(ids) if np.all(np.isfinite(pred[i]))}
 
 
+def _y_range(ranking: Sequence[Mapping[str, Any]], losses: dict[str, dict[int, float]]) -> tuple[float, float]:
+    """Loss axis limits from the fine-tuned points and the predictions (zero-shot losses may be far above)."""
+    values = [v for seen in losses.values() for d, v in seen.items() if d > 0]
+    for row in ranking:
+        values += [float(v) for v in [row.get("predicted_loss"), *(row.get("interval") or [])]
+                   if v is not None and math.isfinite(float(v))]
+    if not values:
+        values = [v for seen in losses.values() for v in seen.values()] or [0.0, 1.0]
+    lo, hi = min(values), max(values)
+    pad = 0.08 * (hi - lo) or 0.1 * abs(hi) or 0.1
+    return lo - pad, hi + 2 * pad
+
+
 def _colours(n: int) -> list:
     import matplotlib
 
@@ -250,7 +263,10 @@ def plot_curves(
 ) -> bytes:
     """PNG bytes: observed points, fitted curves, the interval at D* and a D* marker, one colour per candidate.
 
-    The x axis is logarithmic; the zero-shot point (D = 0) is drawn left of a separator at D = start/4.
+    Within the observed range each candidate gets a rectified-law fit of its points; beyond it, the
+    ``fitted`` extrapolation when given (see :func:`predictor_curves`), else the rectified fit.
+    The x axis is logarithmic; the zero-shot point (D = 0) is drawn left of a separator at D = start/4
+    (a triangle on the top edge when it lies above the fine-tuned losses' range).
     """
     import matplotlib
 
@@ -263,28 +279,36 @@ def plot_curves(
     start = positive[0] if positive else max(1, target_samples // 1000)
     x_zero = start / 4  # where D = 0 (zero-shot) is drawn on the log axis
     grid = np.geomspace(start / 2, target_samples, 200)
-    fits = {c: np.asarray(y, dtype=float) for c, (_, y) in (fitted or {}).items()}
-    grids = {c: np.asarray(x, dtype=float) for c, (x, _) in (fitted or {}).items()}
-    missing = {c: s for c, s in losses.items() if c not in fits}
-    for c, y in _display_fits(missing, grid).items():
-        fits[c], grids[c] = y, grid
+    display = _display_fits(losses, grid)
+    fitted = fitted or {}
 
+    y_lo, y_hi = _y_range(ranking, losses)
     fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
     colours = _colours(len(ranking))
     for i, (row, colour) in enumerate(zip(ranking, colours)):
         cand = row["candidate"]
         label = f"{cand} ({row['status']})" if i < MAX_LEGEND else None
         seen = losses.get(cand, {})
+        alpha = 1.0 if row["status"] == "finished" else 0.55
+        lw = 1.8 if cand == selection["selected"] else 1.0
         if seen:
             ds = sorted(seen)
-            ax.plot([d if d > 0 else x_zero for d in ds], [seen[d] for d in ds], "o", color=colour, ms=4, label=label)
+            ax.plot([d if d > 0 else x_zero for d in ds], [min(seen[d], y_hi) for d in ds], "o", color=colour, ms=4,
+                    alpha=alpha, label=label)
+            if seen.get(0, -math.inf) > y_hi:  # an off-scale zero-shot loss: a marker on the top edge
+                ax.plot([x_zero], [y_hi], "^", color=colour, ms=7, alpha=alpha)
             label = None
-        if cand in fits:
-            keep = grids[cand] > 0
-            style = "-" if row["status"] == "finished" else ":"
-            ax.plot(grids[cand][keep], fits[cand][keep], style, color=colour,
-                    lw=1.6 if cand == selection["selected"] else 0.9, label=label)
-            label = None
+        d_max = max(seen, default=0)
+        if cand in display and d_max > 0:
+            inside = grid <= d_max
+            ax.plot(grid[inside], display[cand][inside], "-", color=colour, lw=lw, alpha=alpha)
+        if cand in fitted:
+            xs, ys = (np.asarray(v, dtype=float) for v in fitted[cand])
+            keep = (xs > 0) & np.isfinite(ys)
+            ax.plot(xs[keep], ys[keep], "--", color=colour, lw=lw, alpha=alpha)
+        elif cand in display and d_max > 0:
+            beyond = grid >= d_max
+            ax.plot(grid[beyond], display[cand][beyond], ":", color=colour, lw=0.8, alpha=alpha)
         pred = row.get("predicted_loss")
         if pred is not None and math.isfinite(float(pred)):
             lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
@@ -292,7 +316,9 @@ def plot_curves(
             if lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi)):
                 yerr = [[max(float(pred) - float(lo), 0.0)], [max(float(hi) - float(pred), 0.0)]]
             x = target_samples * (1 + 0.04 * ((i % 7) - 3))  # spread overlapping intervals a little
-            ax.errorbar([x], [float(pred)], yerr=yerr, fmt="s", color=colour, ms=5, capsize=3, label=label)
+            ax.errorbar([x], [float(pred)], yerr=yerr, fmt="s", color=colour, ms=5, capsize=3, alpha=alpha,
+                        label=label)
+    ax.set_ylim(y_lo, y_hi)
     ax.set_xscale("log")
     ax.axvline(target_samples, color="black", ls="--", lw=0.8)
     ax.axvline(start / 2.8, color="grey", lw=0.6)
@@ -300,7 +326,10 @@ def plot_curves(
                 ha="left", va="top", fontsize=8, rotation=90)
     ticks = [x_zero] + [t for t in 10.0 ** np.arange(0, 12) if start / 2 <= t <= target_samples * 1.5]
     ax.set_xticks(ticks, ["0"] + [f"{t:,.0f}" for t in ticks[1:]])
-    ax.set_xlabel("fine-tuning samples D (log scale; the leftmost point is the zero-shot loss, D = 0)")
+    ax.set_xlabel("fine-tuning samples D (log scale; the leftmost point is the zero-shot loss, D = 0)\n"
+                  "solid: rectified-law fit of the observed points; "
+                  + ("dashed: the predictor's extrapolation" if fitted else "dotted: its extrapolation")
+                  + "; squares: predicted loss at D* with its interval", fontsize=8)
     ax.set_ylabel("test loss")
     selected = selection.get("selected")
     ax.set_title(f"observed losses, fitted curves and predictions at D*; selected: {selected}" if selected
@@ -315,3 +344,46 @@ def plot_curves(
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def predictor_curves(selector: Any, curves: Any, target: int, points: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The selector's own extrapolation, for the plot: predicted loss from each candidate's largest observed D to D*.
+
+    Parameters
+    ----------
+    selector
+        A :class:`lensray.selection.Selector` (the run's predictor).
+    curves
+        The :class:`lensray.curves.Curves` the ranking was made from (NaN = not probed).
+    target
+        D*; the last point of every curve is the selector's prediction at D*, as in the ranking.
+    points
+        Sizes on the log grid between the smallest largest-observed D and D*.
+
+    Returns
+    -------
+    dict
+        ``{candidate: (D, loss)}`` starting at the candidate's last observed point.
+    """
+    D = np.asarray(curves.D, dtype=float)
+    L = np.asarray(curves.L, dtype=float)
+    observed = np.isfinite(L) & (D > 0)[None, :]
+    if not observed.any():
+        return {}
+    d_max = np.where(observed, D[None, :], 0.0).max(axis=1)
+    sizes = np.unique(np.geomspace(d_max[d_max > 0].min(), target, points).round())
+    sizes = sizes[sizes > d_max[d_max > 0].min()]
+    predicted: dict[float, np.ndarray] = {}
+    for d in sizes:
+        try:
+            predicted[float(d)] = np.asarray(selector.predict(curves, int(d)).loss, dtype=float)
+        except (ValueError, ArithmeticError):  # a size the selector cannot predict at is left out of the plot
+            continue
+    out = {}
+    for i, cid in enumerate(curves.ids):
+        if d_max[i] <= 0:
+            continue
+        last = L[i, np.flatnonzero(observed[i])[-1]]
+        xs = [d for d in predicted if d > d_max[i] and np.isfinite(predicted[d][i])]
+        out[cid] = (np.array([d_max[i], *xs]), np.array([last, *(predicted[d][i] for d in xs)]))
+    return out

@@ -9,7 +9,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lensray.report import COMPUTE_KEYS, RANKING_KEYS, check_selection, render_markdown, write_report
+from lensray.report import (
+    COMPUTE_KEYS,
+    RANKING_KEYS,
+    check_selection,
+    predictor_curves,
+    render_markdown,
+    write_report,
+)
 from lensray.store import ProbeStore
 
 TARGET = 51_200
@@ -145,3 +152,26 @@ def test_no_secret_in_any_output(run, monkeypatch):
         assert token.encode() not in data, path
         assert b"aws/FAKE+secret/value" not in data, path
     assert "***" in store.read_text("report.md")
+
+
+def test_predictor_curves_end_at_the_ranking_prediction(run):
+    from lensray.curves import Curves
+    from lensray.selection import get_selector
+
+    store, selection = run
+    D = np.array(SIZES, dtype=float)
+    laws = [(20.0, 5.0, 0.5, 1.0), (25.0, 6.0, 0.45, 1.2), (18.0, 4.0, 0.4, 1.4), (30.0, 5.0, 0.3, 2.0)]
+    L = np.array([_curve(D, *law) for law in laws])
+    L[3, 4:] = np.nan  # pruned after D = 800
+    curves = Curves(ids=["a", "b", "c", "d"], D=D, L=L, size=np.full(4, np.nan), family=[None] * 4)
+    selector = get_selector("lensray")
+    final = selector.predict(curves, TARGET).loss
+    fitted = predictor_curves(selector, curves, TARGET)
+    assert set(fitted) == {"a", "b", "c", "d"}
+    for i, cid in enumerate(curves.ids):
+        xs, ys = fitted[cid]
+        assert xs[0] == (800 if cid == "d" else 3200) and ys[0] == L[i, np.isfinite(L[i])][-1]
+        assert xs[-1] == TARGET and ys[-1] == pytest.approx(final[i])
+        assert np.all(np.diff(xs) > 0)
+    write_report(store, selection, store.get_all(), TARGET, fitted={"org/alpha": fitted["a"]})
+    assert store.exists("curves.png")
