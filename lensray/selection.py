@@ -294,7 +294,8 @@ class LensraySelector(Selector):
 
     Defaults are fixed here, identical for every table; nothing looks at columns beyond the
     budget. ``benchmarks/selection_study.py`` holds the evidence for each default (a plateau on
-    both shared tables, on pseudo-protocols with nearer targets and on synthetic zoos).
+    both shared tables, on pseudo-protocols with nearer targets, on synthetic zoos and on
+    random sub-zoos) and the alternatives that were measured and rejected.
     """
 
     name = "lensray"
