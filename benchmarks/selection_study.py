@@ -23,7 +23,8 @@ Alternatives measured with these suites and rejected (mean PearCorr gain over At
 protocol / worst cell; the default with the saturation cap: +5.61 / +0.09):
 
 - empirical-Bayes shrinkage of each curve's own steepening rate towards the zoo median
-  (before the cap: +4.95 / -3.05, RelAcc 94.0): one curve's curvature is too noisy;
+  (before the cap: +4.95 / -3.05, RelAcc 94.0; with it: +6.37 / -0.45 but worse worst cells on
+  every other suite and -0.92 on the noisier synthetic zoos): one curve's curvature is too noisy;
 - a longer tangent window corrected for the zoo curvature (+3.2 to +6.8 depending on window
   and damping, but worse worst cells on the nearer-target protocols or the noisy zoos);
 - per-candidate Bayesian averaging of "tangent" and "steepening" forecasts weighted by each
