@@ -164,8 +164,13 @@ def ensure_tiny(model_id: str) -> Path:
             _pretrain(model, tokenizer, "seq2seq" if config.is_encoder_decoder else "causal", pretrain, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    # under torch.distributed, transformers writes weights on rank 0 only; every builder needs a full copy
+    model.should_save_on_this_rank = lambda is_main_process: True
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if not all((tmp / f).is_file() for f in ("config.json", "model.safetensors")):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(f"building {model_id}: save_pretrained wrote no model into {tmp}")
     try:
         tmp.rename(folder)  # atomic: concurrent builders race harmlessly
     except OSError:

@@ -13,10 +13,17 @@ Faults are handled inside the probe and reported in its result, never raised:
   then status ``"failed"``.
 Faults can be injected for tests through ``FaultInjector`` (argument or env
 ``LENSRAY_FAULTS="oom_above=2,nan_at_step=3,nan_above_lr=1e-3"``).
+
+Data parallel: when ``torch.distributed`` is initialised (several Ray Train workers), the
+model is wrapped in DistributedDataParallel and every optimiser step's
+``micro_batch * grad_accum`` samples are split across the workers, so a probe's steps,
+tokens and loss do not depend on the number of workers; evaluation is sharded and reduced.
+Divergence is decided collectively; an out-of-memory error is assumed to hit every worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -179,6 +186,24 @@ def _peak_memory(device: Any) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # process peak RSS (Linux: KiB)
 
 
+def _distributed() -> tuple[int, int]:
+    """(world size, rank) of the initialised torch.distributed group, else (1, 0)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 class ProbeRunner:
     """Runs probes of one candidate on one task.
 
@@ -237,9 +262,17 @@ class ProbeRunner:
         want = self.probe.device
         if want == "cuda" and not torch.cuda.is_available():
             raise LensrayInputError("probe.device is 'cuda' but no GPU is available")
-        self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available()) else "cpu")
+        on_gpu = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+        self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self._init_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
         self._model = model.to(self.device)
+        self.world, self.rank = _distributed()
+        self._ddp = None
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = DistributedDataParallel(self._model, device_ids=[self.device.index] if on_gpu else None,
+                                                find_unused_parameters=True)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.pad_id = tokenizer.pad_token_id
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -276,35 +309,46 @@ class ProbeRunner:
 
     # ------------------------------------------------------------------ loss
 
-    def _batch_nll(self, batch: dict[str, Any]) -> tuple[Any, int]:
-        """(sum of target-token NLL, number of target tokens) of one collated batch."""
+    def _batch_nll(self, batch: dict[str, Any], module: Any = None) -> tuple[Any, int]:
+        """(sum of target-token NLL, number of target tokens) of one collated batch.
+
+        ``module`` is what runs the forward pass (the DDP wrapper while training on several
+        workers); the model itself by default.
+        """
         import torch.nn.functional as F
 
+        module = module or self._model
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with self._autocast():
             if self.kind == "seq2seq":
                 dec = self._model.prepare_decoder_input_ids_from_labels(labels=labels)
-                logits = self._model(**batch, decoder_input_ids=dec).logits
+                logits = module(**batch, decoder_input_ids=dec).logits
             else:
-                logits = self._model(**batch).logits[:, :-1]
+                logits = module(**batch).logits[:, :-1]
                 labels = labels[:, 1:]
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                               ignore_index=-100, reduction="sum")
         return nll, int((labels != -100).sum())
 
     def evaluate(self, encoded: list[Encoded]) -> float:
-        """Mean NLL per target token of ``encoded`` under the current weights."""
+        """Mean NLL per target token of ``encoded`` under the current weights.
+
+        With several data-parallel workers each evaluates its share and the sums are reduced.
+        """
         import torch
 
         self._model.eval()
         total, count = 0.0, 0
         size = self._eval_batch
+        mine = encoded[self.rank :: self.world]
         with torch.no_grad():
-            for i in range(0, len(encoded), size):
-                nll, n = self._batch_nll(collate(encoded[i : i + size], self.pad_id, self.kind))
+            for i in range(0, len(mine), size):
+                nll, n = self._batch_nll(collate(mine[i : i + size], self.pad_id, self.kind))
                 total += float(nll)
                 count += n
+        if self.world > 1:
+            total, count = _all_reduce_sum([total, count], self.device)
         return total / max(count, 1)
 
     def test_loss(self) -> float:
@@ -329,6 +373,9 @@ class ProbeRunner:
 
         p = self.probe
         per_step = micro_batch * grad_accum
+        if per_step < self.world:
+            raise LensrayInputError(f"probe: micro_batch * grad_accum = {per_step} is smaller than the {self.world} "
+                                    "data-parallel workers")
         steps, per_epoch = self._plan(len(train), micro_batch, grad_accum)
         gen = torch.Generator().manual_seed(seed)
         order: list[int] = []
@@ -346,25 +393,34 @@ class ProbeRunner:
         best, best_state, since_best = math.inf, None, 0
         tokens = 0
         done = 0
+        module = self._ddp or self._model
         self._model.train()
         for step in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr * _lr_factor(p.schedule, step, steps, warmup)
             chunk = [train[i] for i in order[step * per_step : (step + 1) * per_step]]
             n_target = sum(sum(1 for x in (e.decoder_labels or e.labels) if x != -100) for e in chunk)
+            mine = chunk[self.rank :: self.world]  # this worker's share of the step's samples
+            micros = [mine[m : m + micro_batch] for m in range(0, len(mine), micro_batch)]
             opt.zero_grad(set_to_none=True)
-            for m in range(0, len(chunk), micro_batch):
+            finite = True
+            for j, micro in enumerate(micros):
                 if self.faults:
                     self.faults.before_micro_step(micro_batch)
-                micro = chunk[m : m + micro_batch]
-                nll, _ = self._batch_nll(collate(micro, self.pad_id, self.kind))
-                loss = nll / max(n_target, 1)
-                if self.faults and self.faults.poison(step + 1, lr):
-                    loss = loss * float("nan")
-                if not torch.isfinite(loss):
-                    raise _Diverged(step + 1, float(loss.detach()))
-                loss.backward()
+                last = j == len(micros) - 1
+                with contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync():
+                    nll, _ = self._batch_nll(collate(micro, self.pad_id, self.kind), module)
+                    # DDP averages gradients over workers: scale so that the sum is the step's mean
+                    loss = nll * self.world / max(n_target, 1)
+                    if self.faults and self.faults.poison(step + 1, lr):
+                        loss = loss * float("nan")
+                    finite = finite and bool(torch.isfinite(loss))
+                    loss.backward()
                 tokens += count_tokens(micro)
+            if self.world > 1:
+                finite = _all_reduce_sum([float(not finite)], self.device)[0] == 0
+            if not finite:
+                raise _Diverged(step + 1, float("nan"))
             if p.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
             opt.step()
@@ -386,6 +442,8 @@ class ProbeRunner:
         self._model.eval()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        if self.world > 1:
+            tokens = int(_all_reduce_sum([tokens], self.device)[0])
         return done, tokens, time.perf_counter() - start
 
     def _ntk_kernel(self, seed: int) -> Any:

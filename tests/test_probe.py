@@ -230,3 +230,34 @@ def test_synthetic_curve_200_to_3200_decreases():
                     ProbeConfig(learning_rate=1e-3, device="cpu")).load()
     losses = [r.run(d).test_loss for d in (0, 200, 400, 800, 1600, 3200)]
     assert all(a > b for a, b in zip(losses, losses[1:])), losses
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, cache: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["LENSRAY_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        r = ProbeRunner(GPT2, TASK, ProbeConfig(**FAST)).load()
+        result = r.run(64)
+        if rank == 0:
+            with open(out, "w") as fh:
+                json.dump(result.to_dict(), fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_workers_match_a_single_process(data, tmp_path):
+    """Two gloo workers split every optimiser step's samples; the curve point is the same."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.json"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), os.environ["LENSRAY_CACHE"], str(out)), nprocs=2)
+    ddp = json.loads(out.read_text())
+    single = runner(data).run(64)
+    assert ddp["status"] == "ok" and ddp["steps"] == single.steps and ddp["tokens"] == single.tokens
+    assert ddp["test_loss"] == pytest.approx(single.test_loss, rel=1e-5)
