@@ -390,11 +390,6 @@ def collate(batch: list[Encoded], pad_id: int, kind: Literal["causal", "seq2seq"
     return out
 
 
-def count_target_tokens(encoded: list[Encoded]) -> int:
-    """Tokens that carry loss."""
-    return sum(sum(1 for x in (e.decoder_labels if e.decoder_labels is not None else e.labels) if x != -100) for e in encoded)
-
-
 def count_tokens(encoded: list[Encoded]) -> int:
     """Tokens processed (input + decoder side), padding excluded."""
     return sum(len(e.input_ids) + (len(e.decoder_labels) if e.decoder_labels is not None else 0) for e in encoded)

@@ -47,6 +47,13 @@ def test_probe_accounting(data):
     assert r.wall_seconds > 0 and r.peak_memory_bytes > 0
 
 
+def test_run_probe_one_off(data):
+    from lensray.probe import run_probe
+
+    r = run_probe(GPT2, TASK, ProbeConfig(**FAST), 32, seed=1, task_data=data)
+    assert r.status == "ok" and r.seed == 1 and r.test_loss == runner(data).run(32, seed=1).test_loss
+
+
 def test_max_steps_caps_training(data):
     assert runner(data, max_steps=3, epochs=5).run(200).steps == 3
 
