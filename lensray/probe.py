@@ -309,7 +309,7 @@ class ProbeRunner:
 
     # ------------------------------------------------------------------ loss
 
-    def _batch_nll(self, batch: dict[str, Any], module: Any = None) -> tuple[Any, int]:
+    def _batch_nll(self, batch: dict[str, Any], module: Any = None) -> tuple[Any, Any]:
         """(sum of target-token NLL, number of target tokens) of one collated batch.
 
         ``module`` is what runs the forward pass (the DDP wrapper while training on several
@@ -329,7 +329,7 @@ class ProbeRunner:
                 labels = labels[:, 1:]
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                               ignore_index=-100, reduction="sum")
-        return nll, int((labels != -100).sum())
+        return nll, (labels != -100).sum()  # tensors: no host sync while training
 
     def evaluate(self, encoded: list[Encoded]) -> float:
         """Mean NLL per target token of ``encoded`` under the current weights.
@@ -346,7 +346,7 @@ class ProbeRunner:
             for i in range(0, len(mine), size):
                 nll, n = self._batch_nll(collate(mine[i : i + size], self.pad_id, self.kind))
                 total += float(nll)
-                count += n
+                count += int(n)
         if self.world > 1:
             total, count = _all_reduce_sum([total, count], self.device)
         return total / max(count, 1)
@@ -403,7 +403,7 @@ class ProbeRunner:
             mine = chunk[self.rank :: self.world]  # this worker's share of the step's samples
             micros = [mine[m : m + micro_batch] for m in range(0, len(mine), micro_batch)]
             opt.zero_grad(set_to_none=True)
-            finite = True
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
             for j, micro in enumerate(micros):
                 if self.faults:
                     self.faults.before_micro_step(micro_batch)
@@ -414,9 +414,10 @@ class ProbeRunner:
                     loss = nll * self.world / max(n_target, 1)
                     if self.faults and self.faults.poison(step + 1, lr):
                         loss = loss * float("nan")
-                    finite = finite and bool(torch.isfinite(loss))
+                    finite &= torch.isfinite(loss.detach())
                     loss.backward()
                 tokens += count_tokens(micro)
+            finite = bool(finite)  # one host sync per optimiser step
             if self.world > 1:
                 finite = _all_reduce_sum([float(not finite)], self.device)[0] == 0
             if not finite:
