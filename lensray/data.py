@@ -250,7 +250,10 @@ def _as_text(value: Any) -> str | None:
 def _template_fields(template: str) -> list[str]:
     import string
 
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError as exc:
+        raise LensrayInputError(f"task.template {template!r} is not a valid template: {exc}") from None
 
 
 def clean_rows(task: TaskConfig, rows: list[dict[str, Any]]) -> tuple[list[Example], dict[str, int]]:
@@ -312,19 +315,23 @@ def _n_test(task: TaskConfig, n: int) -> int:
 def load_task(task: TaskConfig) -> TaskData:
     """Load, clean and split a task; raises LensrayInputError when too few rows are usable."""
     rows = load_rows(task)
-    examples, bad = clean_rows(task, rows)
-    n_bad = sum(bad.values())
-    n_test = _n_test(task, len(examples))
-    needed = n_test + task.validation_size + 1
-    if rows and (n_bad > task.max_bad_fraction * len(rows) or len(examples) < needed):
-        worst = max(bad, key=bad.get) if bad else "none"
-        raise LensrayInputError(
-            f"task {task.source}: only {len(examples)} of {len(rows)} rows are usable (most common problem: "
-            f"{worst}, {bad.get(worst, 0)} rows); need at least {needed} and at most "
-            f"{task.max_bad_fraction:.0%} unusable"
-        )
     if not rows:
         raise LensrayInputError(f"task {task.source} has no rows")
+    examples, bad = clean_rows(task, rows)
+    n_bad = sum(bad.values())
+    if n_bad > task.max_bad_fraction * len(rows):
+        worst = max(bad, key=bad.get)
+        raise LensrayInputError(
+            f"task {task.source}: {n_bad} of {len(rows)} rows are unusable (most common: {worst}, {bad[worst]} "
+            f"rows), more than task.max_bad_fraction = {task.max_bad_fraction:g}"
+        )
+    n_test = _n_test(task, len(examples))
+    needed = n_test + task.validation_size + 1
+    if len(examples) < needed:
+        raise LensrayInputError(
+            f"task {task.source}: {len(examples)} usable rows, fewer than test_size {n_test} + validation_size "
+            f"{task.validation_size} + 1 train row"
+        )
     order = np.random.default_rng([task.split_seed, 0x7E57]).permutation(len(examples))
     test = [examples[i] for i in order[:n_test]]
     val = [examples[i] for i in order[n_test : n_test + task.validation_size]]
