@@ -48,15 +48,17 @@ def ray_head():
                             stdout=open(Path(temp) / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env=env)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.monotonic() + 120
-    while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True, env=env).returncode:
-        assert head.poll() is None, "ray start --head exited: " + (Path(temp) / "head.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, "the Ray head did not come up"
-        time.sleep(1)
     try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], capture_output=True,
+                             env=env).returncode:
+            assert head.poll() is None, "ray start --head exited: " + (Path(temp) / "head.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(1)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGKILL)  # the head and every process it started (its own session)
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)  # the head and every process it started (its own session)
         head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
