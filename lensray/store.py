@@ -77,15 +77,27 @@ def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
     return text
 
 
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts secret values from records (attach it to handlers)."""
+def install_log_redaction() -> None:
+    """Redact secret values from every log record created from now on, in this process (idempotent).
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, None
-        return True
+    Wraps the logging record factory, so it covers every logger and handler (lensray's, Ray's,
+    transformers'), whatever the logging configuration. Call it early in drivers and workers.
+    """
+    factory = logging.getLogRecordFactory()
+    if getattr(factory, "_lensray_redacting", False):
+        return
+
+    def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        if secret_values():
+            message = record.getMessage()
+            cleaned = redact(message)
+            if cleaned != message:
+                record.msg, record.args = cleaned, None
+        return record
+
+    redacting_factory._lensray_redacting = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting_factory)
 
 
 def candidate_key(candidate_id: str) -> str:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lensray.errors import LensrayInputError
-from lensray.store import ProbeStore, RedactingFilter, candidate_key, redact
+from lensray.store import ProbeStore, candidate_key, install_log_redaction, redact
 
 
 def _result(n: int, loss: float = 2.0, **extra) -> dict:
@@ -202,5 +202,20 @@ def test_redaction_of_secret_env_values(tmp_path, monkeypatch):
     cells = pq.read_table(store.write_parquet(raw, name="raw.parquet")).to_pylist()
     assert cells[0]["error"] == "t ***" and json.loads(cells[0]["nested"]) == {"k": "***"}
     assert cells[1]["mixed"] == "***" and cells[0]["mixed"] == "1"
-    record = logging.LogRecord("x", logging.INFO, __file__, 1, "token %s", (secret,), None)
-    assert RedactingFilter().filter(record) and secret not in record.getMessage()
+
+
+def test_log_redaction_covers_every_logger(monkeypatch, caplog):
+    secret = "hf_FAKE_log_token_987654321"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    previous = logging.getLogRecordFactory()
+    try:
+        install_log_redaction()
+        install_log_redaction()  # idempotent: one wrapper
+        assert logging.getLogRecordFactory() is not previous
+        with caplog.at_level(logging.INFO):
+            logging.getLogger("ray.tune").warning("request failed with token %s", secret)
+            logging.getLogger("lensray.probe").info(f"loading with {secret}")
+        assert [r.getMessage() for r in caplog.records] == ["request failed with token ***", "loading with ***"]
+        assert secret not in caplog.text
+    finally:
+        logging.setLogRecordFactory(previous)
