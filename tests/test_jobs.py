@@ -57,8 +57,10 @@ def ray_head():
             time.sleep(1)
         yield address, env
     finally:
-        if head.poll() is None:
+        try:
             os.killpg(head.pid, signal.SIGKILL)  # the head and every process it started (its own session)
+        except ProcessLookupError:
+            pass
         head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
 
