@@ -130,24 +130,34 @@ def _jsonable(value: Any) -> Any:
 
 
 def dumps(obj: Any, indent: int | None = 2) -> str:
-    """JSON text (NaN/inf written as null) of ``obj``, redacted; ``indent=None`` for one line."""
+    """JSON text (NaN/inf written as null) of ``obj``, redacted; ``indent=None`` for one line.
+
+    Strings are redacted before encoding (a secret with quotes or non-ASCII characters is escaped
+    in JSON and would not match afterwards) and the text once more after it.
+    """
     return redact(_json(obj, indent))
 
 
 def _json(obj: Any, indent: int | None) -> str:
     separators = (",", ":") if indent is None else None
-    return json.dumps(_nan_to_none(obj), default=_jsonable, indent=indent, separators=separators, allow_nan=False)
+    cleaned = _clean(obj, secret_values())
+    return json.dumps(cleaned, default=_jsonable, indent=indent, separators=separators, allow_nan=False)
 
 
-def _nan_to_none(obj: Any) -> Any:
+def _clean(obj: Any, secrets: list[str]) -> Any:
+    """``obj`` with NaN/inf floats as None and secret values in strings (keys too) replaced."""
+    if isinstance(obj, str):
+        for value in secrets:
+            obj = obj.replace(value, REDACTED)
+        return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
-        return {str(k): _nan_to_none(v) for k, v in obj.items()}
+        return {_clean(str(k), secrets): _clean(v, secrets) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
+        return [_clean(v, secrets) for v in obj]
     if hasattr(obj, "tolist"):
-        return _nan_to_none(obj.tolist())
+        return _clean(obj.tolist(), secrets)
     return obj
 
 

@@ -197,6 +197,9 @@ def test_redaction_of_secret_env_values(tmp_path, monkeypatch):
     for path in _files(tmp_path):
         data = path.read_bytes()
         assert secret.encode() not in data and aws.encode() not in data, path
+    monkeypatch.setenv("DB_PASSWORD", 'pa"ss\\wörd-42')
+    store.write_json("quoted.json", {"note": 'login pa"ss\\wörd-42 failed'})
+    assert json.loads(store.read_text("quoted.json")) == {"note": "login *** failed"}
     raw = [{"candidate": "x", "n_samples": 1, "error": f"t {secret}", "nested": {"k": aws}, "mixed": 1},
            {"candidate": "y", "n_samples": 2, "error": None, "nested": None, "mixed": f"{secret}"}]
     cells = pq.read_table(store.write_parquet(raw, name="raw.parquet")).to_pylist()
