@@ -23,6 +23,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Mapping
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 PROBES_DIR = "probes"
 TEMP_MARK = ".tmp-"
 READ_THREADS = 16
+MIN_FREE_BYTES = 64 * 2**20  # a local output location with less free space counts as full
 SECRET_ENV_NAMES = (
     "HF_TOKEN",
     "HUGGING_FACE_HUB_TOKEN",
@@ -199,7 +201,7 @@ class ProbeStore:
         return f"{self.root}/{_check_name(name)}"
 
     def check_writable(self) -> None:
-        """Create the root and write, read back and delete a sentinel file."""
+        """Create the root, write, read back and delete a sentinel file; a local disk must have free space."""
         sentinel = self.path(f".lensray-write-check{TEMP_MARK}{uuid.uuid4().hex}")
         payload = uuid.uuid4().bytes * 64
         try:
@@ -213,6 +215,13 @@ class ProbeStore:
             raise LensrayInputError(f"storage.path: {self.uri} is not writable: {_one_line(exc)}") from None
         if back != payload:
             raise LensrayInputError(f"storage.path: {self.uri} returned different bytes than were written")
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            free = shutil.disk_usage(self.root).free
+            if free < MIN_FREE_BYTES:
+                raise LensrayInputError(
+                    f"storage.path: {self.uri} is nearly full ({free / 2**20:.1f} MiB free, "
+                    f"at least {MIN_FREE_BYTES // 2**20} MiB needed)"
+                )
 
     # ---- generic files -------------------------------------------------------------------------
 

@@ -222,3 +222,12 @@ def test_log_redaction_covers_every_logger(monkeypatch, caplog):
         assert secret not in caplog.text
     finally:
         logging.setLogRecordFactory(previous)
+
+
+def test_nearly_full_local_disk_is_detected(tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    with pytest.raises(LensrayInputError, match=r"^storage\.path: .* is nearly full \(10\.0 MiB free"):
+        ProbeStore(str(tmp_path / "out"))
