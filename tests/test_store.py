@@ -231,3 +231,17 @@ def test_nearly_full_local_disk_is_detected(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
     with pytest.raises(LensrayInputError, match=r"^storage\.path: .* is nearly full \(10\.0 MiB free"):
         ProbeStore(str(tmp_path / "out"))
+
+
+def test_uri_backed_store_works_without_a_local_disk():
+    """Any pyarrow filesystem URI: here pyarrow's in-memory ``mock://`` filesystem stands in for s3:// or gs://."""
+    store = ProbeStore("mock:///bucket/run")
+    assert store.root == "bucket/run" and not isinstance(store.fs, pafs.LocalFileSystem)
+    store.put("../../escape", _result(200))
+    store.put("org/m", _result(400))
+    store.write_json("selection.json", {"selected": "org/m"})
+    store.write_parquet()
+    listed = [i.path for i in store.fs.get_file_info(pafs.FileSelector("", recursive=True)) if i.is_file]
+    assert listed and all(p.startswith("bucket/run/") for p in listed)
+    assert [r["candidate"] for r in store.get_all()] == ["../../escape", "org/m"]
+    assert json.loads(store.read_text("selection.json")) == {"selected": "org/m"}
