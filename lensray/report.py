@@ -27,6 +27,8 @@ RANKING_KEYS = ("candidate", "status", "predicted_loss", "interval", "pruned_at"
 COMPUTE_KEYS = ("flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds")
 STATUSES = ("finished", "pruned", "failed")
 MAX_LEGEND = 12
+MAX_COLOURED = 20  # larger zoos: the top MAX_LEGEND in colour, the others grey and thin
+GREY = (0.6, 0.6, 0.6, 1.0)
 
 Fitted = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
@@ -246,13 +248,14 @@ def _y_range(ranking: Sequence[Mapping[str, Any]], losses: dict[str, dict[int, f
 
 
 def _colours(n: int) -> list:
+    """One colour per candidate up to MAX_COLOURED; beyond that the top MAX_LEGEND keep theirs, the rest are grey."""
     import matplotlib
 
     if n <= 10:
         return [matplotlib.colormaps["tab10"](i) for i in range(n)]
-    if n <= 20:
+    if n <= MAX_COLOURED:
         return [matplotlib.colormaps["tab20"](i) for i in range(n)]
-    return [matplotlib.colormaps["viridis"](x) for x in np.linspace(0, 0.95, n)]
+    return [matplotlib.colormaps["tab20"](i) for i in range(MAX_LEGEND)] + [GREY] * (n - MAX_LEGEND)
 
 
 def plot_curves(
@@ -289,35 +292,37 @@ def plot_curves(
         cand = row["candidate"]
         label = f"{cand} ({row['status']})" if i < MAX_LEGEND else None
         seen = losses.get(cand, {})
-        alpha = 1.0 if row["status"] == "finished" else 0.55
-        lw = 1.8 if cand == selection["selected"] else 1.0
+        background = colour == GREY
+        alpha = 0.3 if background else 1.0 if row["status"] == "finished" else 0.55
+        lw = 1.8 if cand == selection["selected"] else 0.6 if background else 1.0
+        z = 1 if background else 3
         if seen:
             ds = sorted(seen)
             ax.plot([d if d > 0 else x_zero for d in ds], [min(seen[d], y_hi) for d in ds], "o", color=colour, ms=4,
-                    alpha=alpha, label=label)
+                    alpha=alpha, label=label, zorder=z)
             if seen.get(0, -math.inf) > y_hi:  # an off-scale zero-shot loss: a marker on the top edge
-                ax.plot([x_zero], [y_hi], "^", color=colour, ms=7, alpha=alpha)
+                ax.plot([x_zero], [y_hi], "^", color=colour, ms=7, alpha=alpha, zorder=z)
             label = None
         d_max = max(seen, default=0)
         if cand in display and d_max > 0:
             inside = grid <= d_max
-            ax.plot(grid[inside], display[cand][inside], "-", color=colour, lw=lw, alpha=alpha)
+            ax.plot(grid[inside], display[cand][inside], "-", color=colour, lw=lw, alpha=alpha, zorder=z)
         if cand in fitted:
             xs, ys = (np.asarray(v, dtype=float) for v in fitted[cand])
             keep = (xs > 0) & np.isfinite(ys)
-            ax.plot(xs[keep], ys[keep], "--", color=colour, lw=lw, alpha=alpha)
+            ax.plot(xs[keep], ys[keep], "--", color=colour, lw=lw, alpha=alpha, zorder=z)
         elif cand in display and d_max > 0:
             beyond = grid >= d_max
-            ax.plot(grid[beyond], display[cand][beyond], ":", color=colour, lw=0.8, alpha=alpha)
+            ax.plot(grid[beyond], display[cand][beyond], ":", color=colour, lw=0.8, alpha=alpha, zorder=z)
         pred = row.get("predicted_loss")
-        if pred is not None and math.isfinite(float(pred)):
+        if pred is not None and math.isfinite(float(pred)) and not background:
             lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
             yerr = None
             if lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi)):
                 yerr = [[max(float(pred) - float(lo), 0.0)], [max(float(hi) - float(pred), 0.0)]]
             x = target_samples * (1 + 0.04 * ((i % 7) - 3))  # spread overlapping intervals a little
             ax.errorbar([x], [float(pred)], yerr=yerr, fmt="s", color=colour, ms=5, capsize=3, alpha=alpha,
-                        label=label)
+                        label=label, zorder=4)
     ax.set_ylim(y_lo, y_hi)
     ax.set_xscale("log")
     ax.axvline(target_samples, color="black", ls="--", lw=0.8)
@@ -337,6 +342,7 @@ def plot_curves(
     ax.grid(True, which="major", alpha=0.25)
     if ax.get_legend_handles_labels()[0]:
         note = f"\n(first {MAX_LEGEND} of {len(ranking)})" if len(ranking) > MAX_LEGEND else ""
+        note += "; the others in grey" if len(ranking) > MAX_COLOURED else ""
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=f"candidates, ranked{note}",
                   title_fontsize=7)
     buf = io.BytesIO()

@@ -175,3 +175,30 @@ def test_predictor_curves_end_at_the_ranking_prediction(run):
         assert np.all(np.diff(xs) > 0)
     write_report(store, selection, store.get_all(), TARGET, fitted={"org/alpha": fitted["a"]})
     assert store.exists("curves.png")
+
+
+def test_large_zoo_plot_and_report(tmp_path):
+    """300 candidates: the report lists them all and the plot stays readable (top ones in colour)."""
+    from lensray.report import GREY, MAX_LEGEND, _colours
+
+    store = ProbeStore(str(tmp_path / "big"))
+    rng = np.random.default_rng(1)
+    probes, ranking = [], []
+    for k in range(300):
+        cand = f"m{k:03d}"
+        law = (rng.uniform(10, 30), rng.uniform(3, 8), rng.uniform(0.3, 0.6), rng.uniform(0.8, 2.0))
+        for d, loss in zip(SIZES, _curve(np.array(SIZES, float), *law)):
+            probes.append({"candidate": cand, "n_samples": d, "status": "ok", "test_loss": float(loss)})
+        pred = float(_curve(np.array([TARGET], float), *law)[0])
+        ranking.append({"candidate": cand, "status": "finished", "predicted_loss": pred, "interval": [pred * 0.9, pred * 1.1],
+                        "pruned_at": None, "params": None, "flops": 1e9, "error": None})
+    ranking.sort(key=lambda r: r["predicted_loss"])
+    selection = {"selected": ranking[0]["candidate"], "ranking": ranking,
+                 "compute": {"flops_spent": 3e11, "flops_full_tuning": 1e15, "saved_fraction": 0.9997,
+                             "gpu_seconds": 10.0, "wall_seconds": 60.0}}
+    write_report(store, selection, probes, TARGET)
+    md = store.read_text("report.md")
+    assert "300 candidates: 300 finished" in md and md.count("| finished |") == 300
+    colours = _colours(300)
+    assert len(set(colours[:MAX_LEGEND])) == MAX_LEGEND and set(colours[MAX_LEGEND:]) == {GREY}
+    assert len(set(_colours(20))) == 20
