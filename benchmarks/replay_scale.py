@@ -1,0 +1,161 @@
+"""Replay screening at zoo scale, and pruning safety on the benchmark tables.
+
+    python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers]
+    python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks]
+
+``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
+the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
+the report) and prints the wall time, the driver's peak memory and where the driver's time went
+(zoo forecasts of the scheduler vs the rest). ``--tune-loggers`` turns Tune's per-trial
+JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.screen) to measure them.
+
+``tables`` replays both shared tables at the seven budget ratios r (max_samples = D*/r) and
+prints, per cell, the selected candidate's RelAcc, the saved compute fraction and whether the
+candidate truly best at D* was stopped (pruning safety, issue 5.8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+TARGET = 1_638_400
+RATIOS = (8, 16, 32, 64, 128, 256, 512)
+
+
+def _replay(csv: Path, out: Path, max_samples: int) -> tuple[dict, object]:
+    from lensray.screen import screen
+    from lensray.screen_cli import replay_config
+
+    args = argparse.Namespace(replay=str(csv), config=None, out=str(out), address=None, max_samples=max_samples,
+                              target_samples=TARGET, resume=False)
+    config, curves = replay_config(args)
+    return screen(config, backend="replay", replay=curves, progress=False), curves
+
+
+def _timed_forecaster():
+    """Wrap lensray.screen.zoo_forecaster to count the driver's seconds spent in zoo forecasts."""
+    import lensray.screen as screen_mod
+
+    spent = {"seconds": 0.0, "calls": 0}
+    original = screen_mod.zoo_forecaster
+
+    def wrapped(*args, **kwargs):
+        run = original(*args, **kwargs)
+
+        def timed(observed):
+            t0 = time.perf_counter()
+            try:
+                return run(observed)
+            finally:
+                spent["seconds"] += time.perf_counter() - t0
+                spent["calls"] += 1
+
+        return timed
+
+    screen_mod.zoo_forecaster = wrapped
+    return spent
+
+
+def scale(args: argparse.Namespace) -> dict:
+    import ray
+
+    from lensray.synthetic_zoo import synthetic_zoo, write_curves_csv
+
+    if args.tune_loggers:
+        os.environ["LENSRAY_TUNE_LOGGERS"] = "1"
+    spent = _timed_forecaster()
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = write_curves_csv(synthetic_zoo(args.n, seed=args.seed), Path(tmp) / "zoo.csv")
+        t0 = time.perf_counter()
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        t_init = time.perf_counter() - t0
+        sel, curves = _replay(csv, Path(tmp) / "out", args.max_samples)
+        wall = time.perf_counter() - t0
+        ray.shutdown()
+    status = [e["status"] for e in sel["ranking"]]
+    true = curves.loss_at(TARGET)
+    best = curves.ids[int(np.argmin(true))]
+    chosen = true[curves.ids.index(sel["selected"])]
+    return {
+        "candidates": args.n, "max_samples": args.max_samples, "cpus": args.cpus, "tune_loggers": args.tune_loggers,
+        "wall_seconds": round(wall, 2), "ray_init_seconds": round(t_init, 2),
+        "forecast_seconds": round(spent["seconds"], 2), "forecast_calls": spent["calls"],
+        "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "finished": status.count("finished"), "pruned": status.count("pruned"), "failed": status.count("failed"),
+        "saved_fraction": round(sel["compute"]["saved_fraction"], 5),
+        "relacc": round(100 * (true.max() - chosen) / (true.max() - true.min()), 2),
+        "best_pruned": dict(zip((e["candidate"] for e in sel["ranking"]), status))[best] == "pruned",
+    }
+
+
+def tables(args: argparse.Namespace) -> list[dict]:
+    import ray
+
+    from lensray.curves import load_curves_csv
+
+    rows = []
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        for table in ("flan", "wmt19"):
+            csv = Path(args.tables) / f"{table}.csv"
+            full = load_curves_csv(csv)
+            true = full.loss_at(TARGET)
+            best = full.ids[int(np.argmin(true))]
+            for r in RATIOS:
+                with tempfile.TemporaryDirectory() as tmp:
+                    t0 = time.perf_counter()
+                    sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r)
+                    wall = time.perf_counter() - t0
+                rank = {e["candidate"]: e for e in sel["ranking"]}
+                chosen = true[full.ids.index(sel["selected"])]
+                rows.append({
+                    "table": table, "ratio": r, "max_samples": TARGET // r, "selected": sel["selected"],
+                    "relacc": round(100 * (true.max() - chosen) / (true.max() - true.min()), 2),
+                    "saved_fraction": round(sel["compute"]["saved_fraction"], 5),
+                    "pruned": sum(e["status"] == "pruned" for e in sel["ranking"]),
+                    "best": best, "best_pruned": rank[best]["status"] == "pruned",
+                    "best_reason": rank[best].get("reason"), "wall_seconds": round(wall, 1),
+                })
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("scale", help="replay a synthetic zoo through the whole pipeline")
+    p.add_argument("--n", type=int, default=300, help="candidates in the synthetic zoo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-samples", type=int, default=25600)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--tune-loggers", action="store_true", help="keep Tune's per-trial logger callbacks")
+    t = sub.add_parser("tables", help="pruning safety and figures on the shared tables at seven budgets")
+    t.add_argument("--tables", default=str(Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
+    t.add_argument("--cpus", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.mode == "scale":
+        print(json.dumps(scale(args)))
+    else:
+        rows = tables(args)
+        print("| table | r | D_max | selected | RelAcc | saved | pruned | true best pruned |")
+        print("|---|---:|---:|---|---:|---:|---:|---|")
+        for row in rows:
+            print(f"| {row['table']} | {row['ratio']} | {row['max_samples']} | {row['selected']} | {row['relacc']:.1f} "
+                  f"| {row['saved_fraction']:.4f} | {row['pruned']} | {'YES' if row['best_pruned'] else 'no'} |")
+        print(f"true best stopped in {sum(r['best_pruned'] for r in rows)} of {len(rows)} cells")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
