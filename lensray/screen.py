@@ -552,6 +552,17 @@ def _candidate_info(config: ScreenConfig, replay: Optional[Curves]) -> dict[str,
     return info
 
 
+def trial_order(ids: list[str], info: Mapping[str, dict]) -> list[str]:
+    """Largest known size first (unknown sizes last, zoo order among equals).
+
+    Pruning compares each candidate with the ones seen so far, so a strong rival found early
+    stops more of the others early; larger checkpoints are more often the strong ones after
+    fine-tuning, and a pruned large candidate is the biggest saving.
+    """
+    size = {cid: info[cid].get("size") or 0.0 for cid in ids}
+    return sorted(ids, key=lambda cid: -size[cid])
+
+
 def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePlan], grid: list[int],
                 backend: Backend, replay: Optional[Curves], progress: bool) -> dict[str, Stop]:
     """Run one Tune trial per candidate that still needs probes; returns the pruning decisions."""
@@ -571,7 +582,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
         col = {int(d): j for j, d in enumerate(replay.D)}
         ctx.replay = {cid: {d: float(replay.L[i, col[d]]) for d in grid} for i, cid in enumerate(replay.ids)}
     states = {p.candidate.id: ("pruned" if p.decision else "done") for p in plans if not p.needs_trial}
-    todo = [p.candidate.id for p in plans if p.needs_trial]
+    todo = trial_order([p.candidate.id for p in plans if p.needs_trial], info)
     spent = sum(float(r.get("flops") or 0.0) for p in plans for r in p.done.values())
     full = _full_tuning(config, info, store.get_all() if backend == "train" else [])
     bar = _progress_callback(len(plans), states, spent, full) if progress else None

@@ -168,3 +168,10 @@ def test_summary_exit_codes(capsys):
     assert summarise({"selected": "b", "ranking": [ok, row], "compute": bill}, "out") == 0
     err = capsys.readouterr().err
     assert "warning: candidate a failed: boom" in err
+
+
+def test_trial_order_puts_large_known_sizes_first():
+    from lensray.screen import trial_order
+
+    info = {"a": {"size": 1e8}, "b": {"size": None}, "c": {"size": 7e9}, "d": {"size": 1e8}}
+    assert trial_order(["a", "b", "c", "d"], info) == ["c", "a", "d", "b"]
