@@ -293,3 +293,29 @@ def check_train_size(config: ScreenConfig, n_train: int) -> None:
             f"grid.max_samples: {config.grid.max_samples} is larger than the train split of task "
             f"{config.task.source!r} ({n_train} rows); lower grid.max_samples or use more data"
         )
+
+
+def config_reference() -> str:
+    """Markdown table of every config option: key, type, default and doc line.
+
+    The README's config reference is this table; ``tests/test_readme.py`` keeps them equal.
+    """
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            inner = _unwrap(field.annotation)
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                walk(inner, f"{key}[]." if typing.get_origin(field.annotation) is list else f"{key}.")
+                continue
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            if typing.get_origin(field.annotation) is Literal:
+                kind = " or ".join(repr(v) for v in typing.get_args(field.annotation))
+            else:
+                kind = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+            doc = (field.description or "").replace("|", "\\|").replace("\n", "\\n")
+            rows.append(f"| `{key}` | {kind.replace(' | ', ' or ')} | `{default}` | {doc} |")
+
+    walk(ScreenConfig, "")
+    return "\n".join(rows)
