@@ -53,9 +53,10 @@ Backend = Literal["train", "replay"]
 DECISIONS_DIR = "decisions"
 TRAIN_MAX_FAILURES = 2
 """Worker-group restarts Ray Train allows per candidate (a killed worker, a lost node)."""
-TRIAL_CPUS = 0.01
-"""CPU share of a train-backend trial itself: it only drives its TorchTrainer, whose workers
-hold the real resources (a zero request is refused by Tune)."""
+TRIAL_RESOURCES = {"memory": 1}
+"""What a train-backend trial itself reserves: it only drives its TorchTrainer, whose workers
+hold the real resources. Not a CPU share: a 0.01 CPU trial plus two 1-CPU workers does not fit
+a 2-CPU laptop. (Tune refuses an empty request, hence one byte of memory.)"""
 TUNE_MAX_FAILURES = 1
 """Restarts Tune allows a trial whose trainable itself crashed."""
 
@@ -113,7 +114,7 @@ def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int]) -> list[
     for cand in config.zoo:
         done = {n: r for n, r in store.completed(cand.id).items() if r.get("status", "ok") == "ok"}
         decision = read_decision(store, cand.id)
-        if decision and decision.get("status") == "failed":
+        if decision and decision.get("status") != "pruned":
             decision = None  # failures are retried on resume
         todo = [d for d in grid if d not in done]
         plans.append(CandidatePlan(cand, done, decision, todo))
@@ -289,13 +290,19 @@ def _probe_loop(loop_config: dict) -> None:
             write_decision(store, cid, "failed", None, reason)
         ray.train.report({"candidate": cid, "failed": True, "error": reason})
         return
+    world = ray.train.get_context().get_world_size()
+    if world > 1:
+        _data_parallel(runner, rank, world, cand["strategy"])
     for d in ctx.grid:
         if d in losses:
             continue
-        if _agreed(rank, read_decision(store, cid) is not None if rank == 0 else False):
+        if _agreed(rank, rank == 0 and (read_decision(store, cid) or {}).get("status") == "pruned"):
             return  # pruned while the last report travelled to Tune: run no further probe
         result = runner.run(d)
         record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time()}
+        if world > 1:  # tokens (hence FLOPs) of every rank's shard
+            record["tokens"] = _sum_over_ranks(result.tokens, runner.device)
+            record["flops"] = 6.0 * result.n_params * record["tokens"]
         if result.status != "ok":
             reason = f"probe at D={d} {result.status}: {result.error}"
             if rank == 0:
@@ -307,6 +314,57 @@ def _probe_loop(loop_config: dict) -> None:
         losses[d] = float(result.test_loss)
         metrics = _report_record(ctx, cid, record, losses) if rank == 0 else {}
         ray.train.report(metrics)
+
+
+class _RankShard:
+    """A task whose subsets are this rank's equal share of the nested subsets (padded by wrap-around)."""
+
+    def __init__(self, data: Any, rank: int, world: int) -> None:
+        self._data, self._rank, self._world = data, rank, world
+
+    def subset(self, n_samples: int, seed: int = 0) -> list:
+        rows = self._data.subset(n_samples, seed)
+        if not rows:
+            return rows
+        per_rank = -(-len(rows) // self._world)
+        return [rows[(self._rank + self._world * i) % len(rows)] for i in range(per_rank)]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
+
+
+def _data_parallel(runner: Any, rank: int, world: int, strategy: str) -> None:
+    """Data parallelism across the Train workers, as DDP does it: each rank trains on its shard
+    and every gradient is averaged over the ranks (all-reduce) as soon as it is accumulated.
+
+    The probe engine owns the training loop, so instead of wrapping the model in
+    ``DistributedDataParallel`` (whose ``module.`` state-dict prefix would break the engine's
+    weight resets) the same all-reduce runs in per-parameter post-accumulate hooks. The
+    effective batch is ``micro_batch * grad_accum * world``. The weights stay identical on every
+    rank, so every rank measures the same test loss. ``fsdp`` is not sharded yet: it runs this.
+    """
+    import torch.distributed as dist
+
+    if strategy != "ddp":
+        log.warning("strategy %r: parameters are not sharded; running data-parallel (DDP-style)", strategy)
+
+    def average(param: Any) -> None:
+        dist.all_reduce(param.grad)
+        param.grad.div_(world)
+
+    runner.data = _RankShard(runner.data, rank, world)
+    for param in runner.model.parameters():
+        if param.requires_grad:
+            param.register_post_accumulate_grad_hook(average)
+
+
+def _sum_over_ranks(value: float, device: Any) -> float:
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(box)
+    return float(box.item())
 
 
 def _agreed(rank: int, flag: bool) -> bool:
@@ -364,13 +422,13 @@ def _progress_callback(total: int, known: dict[str, str], flops_start: float, fu
             self.state: dict[str, str] = dict(known)
             self.flops = flops_start
             self.t0 = time.perf_counter()
-            self.last_counts: tuple = ()
+            self.last_counts: tuple = (None,) * 4
             self.last_time = -math.inf
 
         def _line(self, force: bool = False) -> None:
             counts = tuple(sum(1 for v in self.state.values() if v == s) for s in ("running", "pruned", "done", "failed"))
             now = time.perf_counter()
-            if counts == self.last_counts and not force and now - self.last_time < every:
+            if counts[1:] == self.last_counts[1:] and not force and now - self.last_time < every:
                 return
             self.last_counts, self.last_time = counts, now
             share = f" ({100 * self.flops / full:.2f}% of full tuning)" if full > 0 else ""
@@ -582,6 +640,10 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
         col = {int(d): j for j, d in enumerate(replay.D)}
         ctx.replay = {cid: {d: float(replay.L[i, col[d]]) for d in grid} for i, cid in enumerate(replay.ids)}
     states = {p.candidate.id: ("pruned" if p.decision else "done") for p in plans if not p.needs_trial}
+    for p in plans:
+        previous = read_decision(store, p.candidate.id)
+        if p.needs_trial and previous and previous.get("status") == "failed":
+            write_decision(store, p.candidate.id, "retried", None, previous.get("reason", ""))
     todo = trial_order([p.candidate.id for p in plans if p.needs_trial], info)
     spent = sum(float(r.get("flops") or 0.0) for p in plans for r in p.done.values())
     full = _full_tuning(config, info, store.get_all() if backend == "train" else [])
@@ -601,7 +663,8 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
     if backend == "replay":
         trainable = tune.with_resources(tune.with_parameters(replay_trainable, ctx=ctx), {"cpu": 1})
     else:
-        trainable = tune.with_resources(tune.with_parameters(train_trainable, ctx=ctx), {"cpu": TRIAL_CPUS})
+        trainable = tune.with_resources(tune.with_parameters(train_trainable, ctx=ctx),
+                                       tune.PlacementGroupFactory([TRIAL_RESOURCES]))
     tuner = tune.Tuner(
         trainable,
         param_space={"candidate": tune.grid_search(todo)},
@@ -628,24 +691,30 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
 
 
 class _quiet_tune:
-    """Context: no Tune result loggers (JSON/CSV/TensorBoard files per trial) and no INFO logs.
+    """Context: no Tune result loggers (JSON/CSV/TensorBoard files per trial), no Tune console
+    output (lensray prints its own progress lines) and no INFO logs.
 
-    The store holds every result; Tune's per-trial logger files cost time and disk at zoo scale.
+    The store holds every result; Tune's per-trial logger files cost time and memory at zoo
+    scale (300 candidates: 87 s -> 52 s, driver 540 -> 356 MB; benchmarks/replay_scale.py).
+    ``LENSRAY_TUNE_LOGGERS=1`` keeps the loggers (for that measurement).
     """
 
     def __enter__(self) -> None:
-        self._env = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+        env = {"RAY_AIR_NEW_OUTPUT": "0"}  # the legacy reporter honours verbose=0
         if os.environ.get("LENSRAY_TUNE_LOGGERS") != "1":
-            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+            env["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+        self._saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         self._logger = logging.getLogger("ray.tune")
         self._level = self._logger.level
         self._logger.setLevel(logging.ERROR)
 
     def __exit__(self, *exc: Any) -> None:
-        if self._env is None:
-            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
-        else:
-            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = self._env
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         self._logger.setLevel(self._level)
 
 

@@ -175,3 +175,30 @@ def test_trial_order_puts_large_known_sizes_first():
 
     info = {"a": {"size": 1e8}, "b": {"size": None}, "c": {"size": 7e9}, "d": {"size": 1e8}}
     assert trial_order(["a", "b", "c", "d"], info) == ["c", "a", "d", "b"]
+
+
+@pytest.mark.slow
+def test_two_train_workers_train_data_parallel(tmp_path):
+    """A candidate with workers: 2 runs its probes data-parallel (gradients averaged over the
+    ranks): same optimiser steps and tokens as one worker with the same global batch, nearly the
+    same losses (only the order of samples inside a step differs)."""
+    from lensray.data import TaskConfig
+    from lensray.probe import ProbeConfig, ProbeRunner
+    from lensray.screen import screen
+
+    task = {"source": "synthetic", "max_length": 64, "test_size": 64, "validation_size": 16}
+    probe = {"learning_rate": 1.0e-3, "epochs": 1, "micro_batch": 8, "device": "cpu", "eval_batch": 64}
+    model = "tiny:gpt2:n_layer=2,n_embd=64,pretrain=10"
+    config = load_config({"ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
+                          "grid": {"start": 200, "max_samples": 800}, "pruning": {"enabled": False},
+                          "zoo": [{"id": "ddp", "model": model, "workers": 2, "cpus": 1}],
+                          "task": task, "probe": probe, "storage": {"path": str(tmp_path / "o")}})
+    sel = screen(config, progress=False)
+    assert sel["selected"] == "ddp" and sel["ranking"][0]["status"] == "finished"
+    records = {r["n_samples"]: r for r in ProbeStore(str(tmp_path / "o")).get_all()}
+    single = ProbeRunner(model, TaskConfig(**task), ProbeConfig(**{**probe, "micro_batch": 16}))
+    for d in (200, 800):
+        one = single.run(d)
+        assert records[d]["steps"] == one.steps
+        assert records[d]["tokens"] == pytest.approx(one.tokens, rel=0.01)
+        assert records[d]["test_loss"] == pytest.approx(one.test_loss, rel=0.02)
