@@ -143,7 +143,6 @@ def _curve_trainable(config: dict) -> None:
                      "predicted_loss": final, "pred_lo": final - width, "pred_hi": final + width})
 
 
-@pytest.mark.slow
 def test_tune_run_stops_only_the_hopeless(ray_local):
     from ray import tune
 
