@@ -129,13 +129,36 @@ def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int]) -> list[
 # fitting one candidate's curve (in the trainable) and all of them (in the driver)
 
 
-def _selector(method: str, level: float) -> Any:
-    """The configured selector; its intervals have the selection layer's fixed level."""
-    from lensray.selection import LEVEL, get_selector
+class _LeveledSelector:
+    """The configured selector with its intervals re-expressed at ``predictor.level``.
 
-    if abs(level - LEVEL) > 1e-12:
-        log.warning("predictor.level %g: the selection layer's intervals are at %g", level, LEVEL)
-    return get_selector(method)
+    Selectors give 90 % intervals (``lensray.selection.LEVEL``). The interval at another level
+    keeps the centre and scales the half-widths in log space by ``z(level) / z(LEVEL)``: exact
+    for the log-normal intervals of ``lensray``, a normal approximation for the others. A lower
+    level prunes more and risks more (benchmarks/replay_scale.py; BENCHMARKS.md).
+    """
+
+    def __init__(self, method: str, level: float) -> None:
+        from scipy import stats
+
+        from lensray.selection import LEVEL, get_selector
+
+        self._selector = get_selector(method)
+        self._scale = float(stats.norm.ppf(0.5 + level / 2) / stats.norm.ppf(0.5 + LEVEL / 2))
+
+    def predict(self, curves: Curves, target: int) -> Any:
+        pred = self._selector.predict(curves, target)
+        if self._scale != 1.0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_loss = np.log(pred.loss)
+                pred.lo = np.exp(log_loss - self._scale * (log_loss - np.log(pred.lo)))
+                pred.hi = np.exp(log_loss + self._scale * (np.log(pred.hi) - log_loss))
+        return pred
+
+
+def _selector(method: str, level: float) -> _LeveledSelector:
+    """The configured selector, intervals at the configured level."""
+    return _LeveledSelector(method, level)
 
 
 def forecast(

@@ -202,3 +202,15 @@ def test_two_train_workers_train_data_parallel(tmp_path):
         assert records[d]["steps"] == one.steps
         assert records[d]["tokens"] == pytest.approx(one.tokens, rel=0.01)
         assert records[d]["test_loss"] == pytest.approx(one.test_loss, rel=0.02)
+
+
+def test_predictor_level_scales_the_intervals_in_log_space():
+    from lensray.screen import _selector
+
+    zoo = synthetic_zoo(10, seed=2).budget(12800)
+    at90 = _selector("lensray", 0.9).predict(zoo, TARGET)
+    at50 = _selector("lensray", 0.5).predict(zoo, TARGET)
+    assert np.allclose(at50.loss, at90.loss)
+    ratio = np.log(at50.hi / at50.loss) / np.log(at90.hi / at90.loss)
+    assert np.allclose(ratio, 0.6745 / 1.6449, rtol=1e-3)
+    assert np.all(at50.lo > at90.lo) and np.all(at50.hi < at90.hi)
