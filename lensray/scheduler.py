@@ -113,8 +113,9 @@ def prune_decision(
         return None
     ahead = ", ".join(f"{o.candidate} ({o.pessimistic:.4g})" for o in rivals[:top_k])
     return (
-        f"stopped after the probe at D={own.n_samples} ({own.points} points): its optimistic loss at D*, "
-        f"{own.optimistic:.4g}, is worse than the pessimistic loss of the top-{top_k} other candidates: {ahead}"
+        f"at D={own.n_samples} ({own.points} points) its optimistic loss at D* (lower end of its interval), "
+        f"{own.optimistic:.4g}, was worse than the pessimistic loss (upper end) of the top-{top_k} other "
+        f"candidate(s): {ahead}"
     )
 
 
