@@ -45,7 +45,7 @@ from lensray.config import CandidateConfig, ScreenConfig
 from lensray.curves import Curves
 from lensray.errors import LensrayInputError
 from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop
-from lensray.store import ProbeStore, candidate_key, dumps
+from lensray.store import ProbeStore, candidate_key
 
 log = logging.getLogger(__name__)
 
@@ -620,13 +620,13 @@ def screen(
 
     started = _init_ray(config)
     try:
-        stops = _run_trials(config, store, plans, grid, backend, replay, progress)
+        _run_trials(config, store, plans, grid, backend, replay, progress)
     finally:
         if started:
             import ray
 
             ray.shutdown()
-    return finish(config, store, grid, backend, replay, stops, time.perf_counter() - t0)
+    return finish(config, store, grid, backend, replay, time.perf_counter() - t0)
 
 
 def _candidate_info(config: ScreenConfig, replay: Optional[Curves]) -> dict[str, dict[str, Any]]:
@@ -651,8 +651,8 @@ def trial_order(ids: list[str], info: Mapping[str, dict]) -> list[str]:
 
 
 def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePlan], grid: list[int],
-                backend: Backend, replay: Optional[Curves], progress: bool) -> dict[str, Stop]:
-    """Run one Tune trial per candidate that still needs probes; returns the pruning decisions."""
+                backend: Backend, replay: Optional[Curves], progress: bool) -> None:
+    """Run one Tune trial per candidate that still needs probes (decisions go to the store)."""
     import ray
     from ray import tune
 
@@ -684,7 +684,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
             bar.mark_pruned(stop)
 
     if not todo:
-        return {}
+        return
     forecaster = zoo_forecaster(ctx.method, ctx.level, grid, ctx.target, {c: i["size"] for c, i in info.items()},
                                 {c: i["family"] for c, i in info.items()})
     scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
@@ -714,9 +714,8 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
         results = tuner.fit()
     for res in results:
         cid = (res.config or {}).get("candidate")
-        if res.error is not None and cid and read_decision(store, cid) is None:
+        if res.error is not None and cid and (read_decision(store, cid) or {}).get("status") in (None, "retried"):
             write_decision(store, cid, "failed", (res.metrics or {}).get(TIME_ATTR), _one_line(res.error))
-    return dict(scheduler.stopped) if config.pruning.enabled else {}
 
 
 class _quiet_tune:
@@ -778,7 +777,7 @@ def _full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[d
 
 
 def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],
-           stops: Mapping[str, Stop], wall_seconds: float) -> dict[str, Any]:
+           wall_seconds: float) -> dict[str, Any]:
     """Fit every stored curve, rank the candidates, bill the compute and write the outputs."""
     from lensray.report import write_report
 

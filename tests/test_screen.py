@@ -144,7 +144,7 @@ def test_finish_ranks_bills_and_writes_outputs(tmp_path):
                             "flops": 6 * 1e8 * 35 * d, "wall_seconds": 0.1})
     write_decision(store, "cut", "pruned", 800, "stopped after the probe at D=800: hand-made")
     write_decision(store, "broken", "failed", None, "could not load broken: no such model")
-    sel = finish(config, store, grid, "replay", None, {}, 1.0)
+    sel = finish(config, store, grid, "replay", None, 1.0)
     status = {e["candidate"]: e["status"] for e in sel["ranking"]}
     assert status == {"good": "finished", "bad": "finished", "cut": "pruned", "broken": "failed"}
     assert [e["candidate"] for e in sel["ranking"]][-1] == "broken"
