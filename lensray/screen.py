@@ -701,6 +701,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
             scheduler=scheduler if config.pruning.enabled else None,
             max_concurrent_trials=max_concurrent(config, backend, ray.cluster_resources()),
             reuse_actors=backend == "replay",
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{int(time.time())}",
@@ -744,6 +745,11 @@ class _quiet_tune:
             else:
                 os.environ[key] = value
         self._logger.setLevel(self._level)
+
+
+def _trial_dirname(trial: Any) -> str:
+    """Tune's folder of a trial: the candidate's sanitised key (no id reaches a path)."""
+    return f"trial-{candidate_key(str(trial.config['candidate']))}"
 
 
 def _storage_path(store: ProbeStore, name: str) -> str:

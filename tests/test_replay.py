@@ -88,3 +88,15 @@ def test_replay_benchmark_tables_keep_the_best(ray_local, benchmarks_dir, tmp_pa
     assert status[best] == "finished"  # pruning safety on both tables at r = 64
     assert sel["compute"]["saved_fraction"] > 0.96
     print(table, sel["selected"], sel["compute"]["saved_fraction"], file=sys.stderr)
+
+
+def test_hostile_candidate_ids_stay_inside_the_output(ray_local, tmp_path):
+    zoo = synthetic_zoo(3, seed=9)
+    zoo.ids = ["../../escape", "/abs/path", "ok"]
+    csv = write_curves_csv(zoo, tmp_path / "zoo.csv")
+    out = tmp_path / "nested" / "out"
+    sel, _ = _replay(csv, out, 1600)
+    assert {e["candidate"] for e in sel["ranking"]} == set(zoo.ids)
+    outside = {p for p in tmp_path.rglob("*") if out not in p.parents and p != out}
+    assert outside == {tmp_path / "zoo.csv", tmp_path / "nested"}
+    assert not (tmp_path / "escape").exists() and not any(".." in p.name for p in out.rglob("*"))
