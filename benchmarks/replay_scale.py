@@ -1,7 +1,7 @@
 """Replay screening at zoo scale, and pruning safety on the benchmark tables.
 
     python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers]
-    python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks]
+    python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -31,12 +31,16 @@ TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
 
 
-def _replay(csv: Path, out: Path, max_samples: int) -> tuple[dict, object]:
+def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None) -> tuple[dict, object]:
     from lensray.screen import screen
     from lensray.screen_cli import replay_config
 
-    args = argparse.Namespace(replay=str(csv), config=None, out=str(out), address=None, max_samples=max_samples,
-                              target_samples=TARGET, resume=False)
+    config = None
+    if level is not None:  # predictor.level through a config file, as a user would
+        config = out.parent / "level.yaml"
+        config.write_text(f"predictor: {{method: lensray, level: {level}}}\n")
+    args = argparse.Namespace(replay=str(csv), config=None if config is None else str(config), out=str(out),
+                              address=None, max_samples=max_samples, target_samples=TARGET, resume=False)
     config, curves = replay_config(args)
     return screen(config, backend="replay", replay=curves, progress=False), curves
 
@@ -113,7 +117,7 @@ def tables(args: argparse.Namespace) -> list[dict]:
             for r in RATIOS:
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.perf_counter()
-                    sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r)
+                    sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r, args.level)
                     wall = time.perf_counter() - t0
                 rank = {e["candidate"]: e for e in sel["ranking"]}
                 chosen = true[full.ids.index(sel["selected"])]
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("tables", help="pruning safety and figures on the shared tables at seven budgets")
     t.add_argument("--tables", default=str(Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
     t.add_argument("--cpus", type=int, default=2)
+    t.add_argument("--level", type=float, default=None, help="predictor.level (default: the config's, 0.9)")
     args = parser.parse_args(argv)
     if args.mode == "scale":
         print(json.dumps(scale(args)))

@@ -32,20 +32,38 @@ def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
     curves.budget(args.max_samples)  # at least 3 points with D > 0 under the budget
     overrides = {"storage.path": args.out, "ray.address": args.address,
                  "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
+    zoo = [{"id": cid, **({"size": float(s)} if s == s else {}), "family": f}
+           for cid, s, f in zip(curves.ids, curves.size, curves.family)]
+    positive = [int(d) for d in curves.D if d > 0]
+    base = {"name": f"replay-{Path(args.replay).stem}", "zoo": zoo, "storage": {"path": DEFAULT_REPLAY_OUT},
+            "grid": {"start": positive[0], "factor": 2, "zero_shot": bool((curves.D == 0).any())}}
     if args.config is not None:
-        config = load_config(args.config, overrides, check_task=False)
+        # the config's settings (predictor, pruning, ...) on the table's zoo unless it lists its own
+        given = _read_yaml(args.config)
+        config = load_config({**base, **given, "grid": {**base["grid"], **given.get("grid", {})}}, overrides,
+                             check_task=False)
         missing = [c.id for c in config.zoo if c.id not in curves.ids]
         if missing:
             raise LensrayInputError(f"zoo: candidate {missing[0]!r} has no row in {args.replay} (column 'config name')")
         curves = curves.take([curves.ids.index(c.id) for c in config.zoo])
     else:
-        zoo = [{"id": cid, **({"size": float(s)} if s == s else {}), "family": f}
-               for cid, s, f in zip(curves.ids, curves.size, curves.family)]
-        positive = [int(d) for d in curves.D if d > 0]
-        base = {"name": f"replay-{Path(args.replay).stem}", "zoo": zoo, "storage": {"path": DEFAULT_REPLAY_OUT},
-                "grid": {"start": positive[0], "factor": 2, "zero_shot": bool((curves.D == 0).any())}}
         config = load_config(base, overrides, check_task=False)
     return config, curves
+
+
+def _read_yaml(path: str) -> dict:
+    """A config file as a mapping (safe loader), errors naming the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LensrayInputError(f"config: file not found: {path}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise LensrayInputError(f"config: {path} is not valid YAML: {' '.join(str(exc).split())[:200]}") from None
+    if not isinstance(data, dict):
+        raise LensrayInputError(f"config: {path} must hold a mapping of keys")
+    return data
 
 
 def cli_main(args: argparse.Namespace) -> int:
