@@ -100,3 +100,15 @@ def test_hostile_candidate_ids_stay_inside_the_output(ray_local, tmp_path):
     outside = {p for p in tmp_path.rglob("*") if out not in p.parents and p != out}
     assert outside == {tmp_path / "zoo.csv", tmp_path / "nested"}
     assert not (tmp_path / "escape").exists() and not any(".." in p.name for p in out.rglob("*"))
+
+
+def test_replay_with_a_config_applies_its_settings(ray_local, tmp_path):
+    from lensray.cli import main
+
+    csv = write_curves_csv(synthetic_zoo(12, seed=5), tmp_path / "zoo.csv")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("pruning: {enabled: false}\npredictor: {method: rectified}\n")
+    code = main(["screen", str(cfg), "--replay", str(csv), "--max-samples", "3200", "--out", str(tmp_path / "o")])
+    sel = json.loads((tmp_path / "o" / "selection.json").read_text())
+    assert code == 0 and sel["predictor"] == "rectified"
+    assert len(sel["ranking"]) == 12 and all(e["status"] == "finished" for e in sel["ranking"])
