@@ -122,3 +122,26 @@ def test_killed_worker_is_retried_without_repeating_probes(faulty_run):
     runner = ProbeRunner(GOOD_MODEL, TaskConfig(**TASK), ProbeConfig(**PROBE))
     for d in (400, 1600):
         assert runner.run(d).test_loss == pytest.approx(records[d]["test_loss"], rel=1e-6)
+
+
+def test_diverging_probes_fail_their_candidates_and_exit_nonzero_when_all_fail(tmp_path):
+    import yaml
+
+    config = {
+        "ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
+        "grid": {"start": 200, "factor": 2, "max_samples": 800, "zero_shot": True},
+        "zoo": [{"id": "a", "model": GOOD_MODEL}, {"id": "b", "model": GOOD_MODEL.replace("n_embd=64", "n_embd=32")}],
+        "task": TASK, "probe": PROBE, "pruning": {"enabled": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    env = {**os.environ, "LENSRAY_FAULTS": "nan_at_step=1"}  # every attempt of every probe diverges
+    done = subprocess.run([sys.executable, "-m", "lensray", "screen", str(tmp_path / "c.yaml"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "every candidate failed" in done.stderr
+    selection = json.loads((out / "selection.json").read_text())
+    for row in selection["ranking"]:
+        assert row["status"] == "failed" and "D=200 diverged" in row["error"] and "learning rate" in row["error"]
+    stored = ProbeStore(str(out)).get_all()
+    assert sorted(r["n_samples"] for r in stored) == [0, 0]  # zero-shot kept; no diverged probe stored as a result
