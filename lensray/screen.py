@@ -441,8 +441,8 @@ def _progress_callback(total: int, known: dict[str, str], flops_start: float, fu
                        every: float = 2.0):
     """A Tune callback printing progress lines on stderr: running / pruned / done / failed, compute.
 
-    A line is printed when a candidate changes state, and at most every ``every`` seconds for
-    compute alone.
+    A line is printed at most every 0.5 s when candidates finish, stop or fail, at most every
+    ``every`` seconds otherwise, and once at the end.
     """
     from ray import tune
 
@@ -457,7 +457,8 @@ def _progress_callback(total: int, known: dict[str, str], flops_start: float, fu
         def _line(self, force: bool = False) -> None:
             counts = tuple(sum(1 for v in self.state.values() if v == s) for s in ("running", "pruned", "done", "failed"))
             now = time.perf_counter()
-            if counts[1:] == self.last_counts[1:] and not force and now - self.last_time < every:
+            wait = every if counts[1:] == self.last_counts[1:] else min(every, 0.5)
+            if not force and now - self.last_time < wait:
                 return
             self.last_counts, self.last_time = counts, now
             share = f" ({100 * self.flops / full:.2f}% of full tuning)" if full > 0 else ""
