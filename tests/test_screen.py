@@ -214,3 +214,28 @@ def test_predictor_level_scales_the_intervals_in_log_space():
     ratio = np.log(at50.hi / at50.loss) / np.log(at90.hi / at90.loss)
     assert np.allclose(ratio, 0.6745 / 1.6449, rtol=1e-3)
     assert np.all(at50.lo > at90.lo) and np.all(at50.hi < at90.hi)
+
+
+@pytest.mark.slow
+def test_train_backend_prunes_and_a_stopped_trial_frees_its_workers(tmp_path):
+    """One CPU, so candidates run one after the other: the weak one is stopped early against the
+    strong one, and the next candidate can only start once the stopped trial's Train workers
+    (and their placement group) are gone."""
+    from lensray.screen import screen
+
+    tiny = "tiny:{}:n_layer={},n_embd={},pretrain={}"
+    config = load_config({
+        "ray": {"num_cpus": 1, "num_gpus": 0}, "target_samples": 51200,
+        "grid": {"start": 200, "max_samples": 3200}, "predictor": {"method": "ats"},
+        "zoo": [{"id": "strong", "model": tiny.format("llama", 2, 64, 40)},
+                {"id": "weak1", "model": tiny.format("gpt2", 1, 16, 0)},
+                {"id": "weak2", "model": tiny.format("opt", 1, 16, 0)}],
+        "task": {"source": "synthetic", "max_length": 64, "test_size": 64, "validation_size": 16},
+        "probe": {"learning_rate": 1.0e-3, "epochs": 1, "micro_batch": 16, "device": "cpu", "eval_batch": 64},
+        "storage": {"path": str(tmp_path / "o")}})
+    sel = screen(config, progress=False)
+    rows = {e["candidate"]: e for e in sel["ranking"]}
+    assert sel["selected"] == "strong" and rows["strong"]["status"] == "finished"
+    assert rows["weak1"]["status"] == "pruned" and rows["weak1"]["pruned_at"] < 3200
+    assert rows["weak1"]["n_probes"] < 6 and "optimistic" in rows["weak1"]["reason"]
+    assert rows["weak2"]["status"] in ("finished", "pruned") and rows["weak2"]["n_probes"] >= 4
