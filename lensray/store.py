@@ -181,8 +181,9 @@ class ProbeStore:
     """
 
     def __init__(self, uri: str, check: bool = True):
-        self.uri = str(uri)
-        self.fs, self.root = self._open(self.uri)
+        self.fs, self.root = self._open(str(uri))
+        # a local path is made absolute: Ray workers run in other working directories
+        self.uri = str(uri) if "://" in str(uri) else self.root
         if check:
             self.check_writable()
 

@@ -245,3 +245,15 @@ def test_uri_backed_store_works_without_a_local_disk():
     assert listed and all(p.startswith("bucket/run/") for p in listed)
     assert [r["candidate"] for r in store.get_all()] == ["../../escape", "org/m"]
     assert json.loads(store.read_text("selection.json")) == {"selected": "org/m"}
+
+
+def test_relative_local_path_is_made_absolute(tmp_path, monkeypatch):
+    """Ray workers run in their own working directory: the URI they get must be absolute."""
+    import os
+
+    from lensray.store import ProbeStore
+
+    monkeypatch.chdir(tmp_path)
+    store = ProbeStore("runs/rel")
+    assert os.path.isabs(store.uri)
+    assert store.uri == str(tmp_path / "runs" / "rel")
