@@ -21,6 +21,7 @@ from lensray.data import SYNTHETIC, TaskConfig, load_task
 from lensray.errors import LensrayInputError
 from lensray.probe import ProbeConfig
 from lensray.selection import SELECTORS
+from lensray.store import redact
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,8 @@ def _check_semantics(config: ScreenConfig) -> None:
     for i, cand in enumerate(config.zoo):
         if cand.id in seen:
             raise LensrayInputError(f"zoo[{i}].id: duplicate candidate id {cand.id!r} (also zoo[{seen[cand.id]}])")
+        if redact(cand.id) != cand.id:  # ids are written to every output, where secrets never go
+            raise LensrayInputError(f"zoo[{i}].id: holds the value of a secret environment variable; choose another id")
         seen[cand.id] = i
 
 

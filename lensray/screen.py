@@ -45,7 +45,7 @@ from lensray.config import CandidateConfig, ScreenConfig
 from lensray.curves import Curves
 from lensray.errors import LensrayInputError
 from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop
-from lensray.store import ProbeStore, candidate_key
+from lensray.store import ProbeStore, candidate_key, install_log_redaction
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,7 @@ def replay_trainable(config: dict, ctx: TrialContext) -> None:
     """Tune trainable of the replay backend: probes read the recorded curve."""
     from ray import tune
 
+    install_log_redaction()
     cid = config["candidate"]
     store = ProbeStore(ctx.store_uri, check=False)
     losses = dict(ctx.done.get(cid, {}))
@@ -300,6 +301,7 @@ def _probe_loop(loop_config: dict) -> None:
     from lensray.data import TaskConfig
     from lensray.probe import ProbeConfig, ProbeRunner
 
+    install_log_redaction()  # a worker process: its log lines are redacted too
     ctx: TrialContext = loop_config["ctx"]
     cid: str = loop_config["candidate"]
     rank = ray.train.get_context().get_world_rank()
@@ -786,7 +788,7 @@ def _full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[d
 def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],
            wall_seconds: float) -> dict[str, Any]:
     """Fit every stored curve, rank the candidates, bill the compute and write the outputs."""
-    from lensray.report import write_report
+    from lensray.report import predictor_curves, write_report
 
     info = _candidate_info(config, replay)
     records = store.get_all()
@@ -794,7 +796,8 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
     sizes = {cid: info[cid]["size"] or next((r.get("n_params") for r in records
                                             if r["candidate"] == cid and r.get("n_params")), None) for cid in ids}
     curves = curves_from_store(ids, grid, records, sizes, {cid: info[cid]["family"] for cid in ids})
-    pred = _selector(config.predictor.method, config.predictor.level).predict(curves, config.target_samples)
+    selector = _selector(config.predictor.method, config.predictor.level)
+    pred = selector.predict(curves, config.target_samples)
     entries = []
     for i, cid in enumerate(ids):
         mine = [r for r in records if r["candidate"] == cid]
@@ -836,5 +839,6 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
         "predictor": config.predictor.method,
     }
     store.write_parquet(records)
-    write_report(store, selection, records, config.target_samples)
+    fitted = predictor_curves(selector, curves, config.target_samples)  # the plot shows the ranking's own fits
+    write_report(store, selection, records, config.target_samples, fitted=fitted)
     return selection

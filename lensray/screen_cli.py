@@ -69,7 +69,9 @@ def _read_yaml(path: str) -> dict:
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``lensray screen``; returns the exit code."""
     from lensray.config import load_config
+    from lensray.store import install_log_redaction
 
+    install_log_redaction()  # before anything logs: secret env values never reach a log line
     if args.replay:
         config, curves = replay_config(args)
         backend = "replay"
@@ -77,6 +79,7 @@ def cli_main(args: argparse.Namespace) -> int:
         overrides = {"storage.path": args.out, "ray.address": args.address,
                      "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
         config, curves, backend = load_config(args.config, overrides), None, "train"
+        check_file_task(config)
 
     from lensray.screen import screen
 
@@ -84,22 +87,44 @@ def cli_main(args: argparse.Namespace) -> int:
     return summarise(selection, config.storage.path)
 
 
+def check_file_task(config: Any) -> None:
+    """Before any Ray work: a local-file task must load and its train split hold ``grid.max_samples`` rows.
+
+    (``load_config`` sizes the synthetic task itself; hub tasks are left to the workers.)
+    """
+    from lensray.config import check_train_size
+    from lensray.data import _local_files, load_task
+
+    if config.task.source != "synthetic" and _local_files(config.task.source) is not None:
+        import datasets
+
+        datasets.disable_progress_bars()  # an error stays one line; the driver prints its own progress
+        check_train_size(config, len(load_task(config.task).train))
+
+
 def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
-    """Print the selection; returns the exit code (1 when every candidate failed)."""
+    """Print the selection (secret env values redacted); returns the exit code (1 when every candidate failed)."""
     ranking = selection["ranking"]
     failed = [e for e in ranking if e["status"] == "failed"]
     for e in failed:
-        print(f"warning: candidate {e['candidate']} failed: {e['error']}", file=sys.stderr)
+        _say(f"warning: candidate {e['candidate']} failed: {e['error']}", file=sys.stderr)
     bill = selection["compute"]
     saved = bill["saved_fraction"]
-    print(f"selected: {selection['selected']}", file=stream)
+    _say(f"selected: {selection['selected']}", file=stream)
     for rank, e in enumerate(ranking, start=1):
         loss = "-" if e["predicted_loss"] is None else f"{e['predicted_loss']:.4f}"
-        print(f"{rank:4d}  {e['status']:8s}  {loss:>8s}  {e['candidate']}", file=stream)
-    print(f"compute: {bill['flops_spent']:.3g} FLOPs spent, {bill['flops_full_tuning']:.3g} for full tuning"
-          + (f" (saved {100 * saved:.2f}%)" if saved is not None else "")
-          + f", wall {bill['wall_seconds']:.1f} s; outputs in {out}", file=stream)
+        _say(f"{rank:4d}  {e['status']:8s}  {loss:>8s}  {e['candidate']}", file=stream)
+    _say(f"compute: {bill['flops_spent']:.3g} FLOPs spent, {bill['flops_full_tuning']:.3g} for full tuning"
+         + (f" (saved {100 * saved:.2f}%)" if saved is not None else "")
+         + f", wall {bill['wall_seconds']:.1f} s; outputs in {out}", file=stream)
     if len(failed) == len(ranking):
-        print("error: every candidate failed", file=sys.stderr)
+        _say("error: every candidate failed", file=sys.stderr)
         return 1
     return 0
+
+
+def _say(text: str, file: Any) -> None:
+    """Print one line with secret environment values redacted."""
+    from lensray.store import redact
+
+    print(redact(text), file=file)
