@@ -54,6 +54,90 @@ def _small_config(tmp_path: Path, **extra) -> Path:
     return path
 
 
+# ---- items 1 and 9 in the driver's load path: every way a candidate cannot (or must not) load ---------
+
+
+def _unloadable(root: Path) -> dict[str, tuple[str, Path | None]]:
+    """Model folders that must not load: corrupt weights, unknown architecture, a pickle checkpoint,
+    a repository that needs its own code (with the sentinel its code would create)."""
+    import torch
+
+    from lensray.models import load_candidate
+
+    model, tok, _ = load_candidate("tiny:gpt2:n_layer=1,n_embd=32")
+    folders = {name: root / name for name in ("corrupt", "arch", "pickle", "remote")}
+    for name in ("corrupt", "pickle"):
+        model.save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    (folders["corrupt"] / "model.safetensors").write_bytes(b"not a safetensors file")
+    (folders["pickle"] / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folders["pickle"] / "pytorch_model.bin")
+    folders["arch"].mkdir()
+    (folders["arch"] / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    (folders["arch"] / "model.safetensors").write_bytes(b"")
+    folders["remote"].mkdir()
+    sentinel = root / "SENTINEL"
+    (folders["remote"] / "config.json").write_text(json.dumps({
+        "model_type": "lensray_evil", "architectures": ["EvilModel"],
+        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}}))
+    (folders["remote"] / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('code ran')\n")
+    (folders["remote"] / "model.safetensors").write_bytes(b"")
+    return {name: (str(path), sentinel if name == "remote" else None) for name, path in folders.items()}
+
+
+def test_each_unloadable_candidate_is_failed_with_its_reason_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """The train worker's load path (lensray.screen._probe_loop, Ray Train's context faked): each
+    refused candidate ends ``failed`` with its reason in selection.json, report.md and a warning
+    line; the good candidate is selected and the exit code is 0."""
+    import ray.train
+
+    from lensray.screen import TrialContext, _candidate_info, _probe_loop
+
+    bad = _unloadable(tmp_path)
+    config = load_config({"zoo": [{"id": "good", "size": 1e8}, *({"id": n, "model": m} for n, (m, _) in bad.items())],
+                          "grid": {"start": 200, "max_samples": 800}, "target_samples": TARGET,
+                          "task": {"synthetic_rows": 400, "test_size": 32, "validation_size": 8, "max_length": 32}},
+                          check_task=False)
+    store = ProbeStore(str(tmp_path / "o"))
+    grid = config.grid_sizes()
+    zoo = synthetic_zoo(1, seed=4)
+    col = {int(d): j for j, d in enumerate(zoo.D)}
+    for d in grid:  # the good candidate's probes, as its worker would have stored them
+        store.put("good", {"n_samples": d, "status": "ok", "test_loss": float(zoo.L[0, col[d]])})
+
+    class Context:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    reports = []
+    monkeypatch.setattr(ray.train, "get_context", Context, raising=False)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reports.append(metrics), raising=False)
+    ctx = TrialContext(store_uri=store.uri, grid=grid, target=TARGET, method="lensray", level=0.9, done={},
+                       candidates=_candidate_info(config, None), task=config.task.model_dump(mode="json"),
+                       probe=config.probe.model_dump(mode="json"))
+    for name in bad:
+        _probe_loop({"ctx": ctx, "candidate": name})
+    assert [r["failed"] for r in reports] == [True] * len(bad)
+    assert not bad["remote"][1].exists(), "code from the model repository ran"
+
+    selection = finish(config, store, grid, "train", None, 1.0)
+    assert summarise(selection, store.uri) == 0
+    err = capsys.readouterr().err
+    rows = {e["candidate"]: e for e in selection["ranking"]}
+    report = (tmp_path / "o" / "report.md").read_text()
+    expected = {"corrupt": "cannot be loaded", "arch": "no_such_arch", "pickle": "allow_pickle",
+                "remote": "trust_remote_code"}
+    for name, words in expected.items():
+        row = rows[name]
+        assert row["status"] == "failed" and row["error"].startswith(f"could not load {bad[name][0]}"), row
+        assert words in row["error"] and f"warning: candidate {name} failed: could not load" in err
+        assert row["error"].split(": ", 1)[1][:60] in report
+    assert selection["selected"] == "good" and rows["good"]["status"] == "finished"
+
+
 # ---- item 7: a file task whose train split is smaller than max_samples ---------------------------
 
 
