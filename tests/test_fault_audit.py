@@ -280,7 +280,6 @@ def ray_local():
     ray.shutdown()
 
 
-@pytest.mark.slow
 def test_secrets_reach_no_file_log_or_console_line_end_to_end(ray_local, tmp_path, monkeypatch, capfd, caplog):
     """A replay screening (pruning on) whose config names a model by a URL carrying the token: every
     file under the output (config.yaml and Tune's folders included), stdout, stderr and the log
