@@ -1,7 +1,7 @@
 """Replay screening at zoo scale, and pruning safety on the benchmark tables.
 
-    python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers]
-    python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9]
+    python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal]
+    python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -12,6 +12,9 @@ JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.screen)
 ``tables`` replays both shared tables at the seven budget ratios r (max_samples = D*/r) and
 prints, per cell, the selected candidate's RelAcc, the saved compute fraction and whether the
 candidate truly best at D* was stopped (pruning safety, issue 5.8).
+
+``--marginal`` prunes on the marginal intervals instead of the intervals of the differences
+(``lensray.screen.RELATIVE_PRUNING = False``), the rule before the zoo-common error was split off.
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ def _timed_forecaster():
     return spent
 
 
+def _pruning_mode(args: argparse.Namespace) -> None:
+    import lensray.screen as screen_mod
+
+    screen_mod.RELATIVE_PRUNING = not args.marginal
+
+
 def scale(args: argparse.Namespace) -> dict:
     import ray
 
@@ -76,6 +85,7 @@ def scale(args: argparse.Namespace) -> dict:
 
     if args.tune_loggers:
         os.environ["LENSRAY_TUNE_LOGGERS"] = "1"
+    _pruning_mode(args)
     spent = _timed_forecaster()
     with tempfile.TemporaryDirectory() as tmp:
         csv = write_curves_csv(synthetic_zoo(args.n, seed=args.seed), Path(tmp) / "zoo.csv")
@@ -91,6 +101,7 @@ def scale(args: argparse.Namespace) -> dict:
     chosen = true[curves.ids.index(sel["selected"])]
     return {
         "candidates": args.n, "max_samples": args.max_samples, "cpus": args.cpus, "tune_loggers": args.tune_loggers,
+        "marginal": args.marginal,
         "wall_seconds": round(wall, 2), "ray_init_seconds": round(t_init, 2),
         "forecast_seconds": round(spent["seconds"], 2), "forecast_calls": spent["calls"],
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -106,6 +117,7 @@ def tables(args: argparse.Namespace) -> list[dict]:
 
     from lensray.curves import load_curves_csv
 
+    _pruning_mode(args)
     rows = []
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
@@ -148,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--tables", default=str(Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
     t.add_argument("--cpus", type=int, default=2)
     t.add_argument("--level", type=float, default=None, help="predictor.level (default: the config's, 0.9)")
+    for sp in (p, t):
+        sp.add_argument("--marginal", action="store_true", help="prune on marginal intervals (the earlier rule)")
     args = parser.parse_args(argv)
     if args.mode == "scale":
         print(json.dumps(scale(args)))

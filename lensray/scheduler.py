@@ -2,6 +2,14 @@
 
 The decision rule is a pure function (:func:`prune_decision`) so that it can be tested on
 hand-made forecasts without Ray; :class:`CurvePruner` applies it to Tune results.
+
+Rule (stated in full in :func:`prune_decision`): a candidate past the grace is stopped when at
+least ``top_k`` other candidates are each confidently better than it at D*, so it cannot reach
+the top-k. "Confidently better" compares the two predictions through the interval of their
+DIFFERENCE when the forecasts carry the split of their error into a zoo-common and an own part
+(the zoo-common part, e.g. the shared steepening that moves every candidate together, cancels
+in a comparison), else through the two marginal intervals (optimistic end of the candidate vs
+pessimistic end of the rival).
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ class Forecast:
     lo, hi : float
         Lower (optimistic) and upper (pessimistic) ends of its interval at D*; NaN when the
         predictor gives none (then the forecast can neither stop its candidate nor stop others).
+    common_half, own_half : float
+        Optional split of the interval's half-width in log space, at the same level: the part
+        of the prediction error shared by the whole zoo (it moves every candidate alike) and
+        the candidate's own part. NaN when unknown: comparisons then use ``lo`` and ``hi``.
     """
 
     candidate: str
@@ -46,6 +58,8 @@ class Forecast:
     loss: float
     lo: float
     hi: float
+    common_half: float = math.nan
+    own_half: float = math.nan
 
     @property
     def optimistic(self) -> float:
@@ -56,6 +70,30 @@ class Forecast:
     def pessimistic(self) -> float:
         """Upper end of the interval; +inf without one (nothing known guarantees the candidate)."""
         return self.hi if math.isfinite(self.hi) else math.inf
+
+    @property
+    def has_split(self) -> bool:
+        """Whether the error split is known (and the loss positive, for log differences)."""
+        return (math.isfinite(self.common_half) and math.isfinite(self.own_half) and math.isfinite(self.loss)
+                and self.loss > 0)
+
+
+def confidently_better(rival: Forecast, own: Forecast) -> Optional[str]:
+    """Whether ``rival`` is predicted better than ``own`` at D* beyond the uncertainty; a short note or None.
+
+    With both error splits known: the log difference ``log(own.loss) - log(rival.loss)`` must
+    exceed the half-width of the difference's interval, ``sqrt((c_own - c_rival)^2 + o_own^2 +
+    o_rival^2)`` (``c``: zoo-common half-widths, which cancel where the two horizons are alike;
+    ``o``: own half-widths, independent). Otherwise: ``own.optimistic > rival.pessimistic`` (the
+    marginal intervals do not touch). Equality is not enough.
+    """
+    if own.has_split and rival.has_split:
+        gap = math.log(own.loss) - math.log(rival.loss)
+        half = math.sqrt((own.common_half - rival.common_half) ** 2 + own.own_half**2 + rival.own_half**2)
+        return f"{rival.candidate} ({rival.loss:.4g}, log gap {gap:.3g} > {half:.3g})" if gap > half else None
+    if math.isfinite(own.optimistic) and math.isfinite(rival.pessimistic) and own.optimistic > rival.pessimistic:
+        return f"{rival.candidate} (pessimistic {rival.pessimistic:.4g} < optimistic {own.optimistic:.4g})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -72,15 +110,23 @@ def prune_decision(
 ) -> Optional[str]:
     """Decide whether a candidate should stop; return the reason, or None to continue.
 
-    Rule: a candidate with at least ``grace_points`` observed points (D > 0) and a finite
-    optimistic prediction is stopped when that optimistic prediction (the lower end of its
-    interval at D*) is strictly worse (higher loss) than the ``top_k``-th best pessimistic
-    prediction (upper ends of the intervals) among the *other* candidates that have also
-    passed the grace. Then at least ``top_k`` others are, even in the worst case for them and
-    the best case for this candidate, predicted better than it: it cannot enter the top-k.
-    A forecast without an interval (NaN ends, e.g. too few curves to calibrate one) never stops
-    its candidate and never counts as a rival; with fewer than ``top_k`` qualified rivals
-    nothing is stopped. Equal bounds keep the candidate.
+    Rule: a candidate with at least ``grace_points`` observed points (D > 0) is stopped when at
+    least ``top_k`` of the *other* candidates that have also passed the grace are each
+    confidently better than it at D* (:func:`confidently_better`): then it cannot enter the
+    top-k. "Confidently better" is judged
+
+    - on the difference of the two predictions, when both forecasts carry the split of their
+      error into a zoo-common and an own part: the log gap must exceed the half-width of the
+      difference's interval at the forecasts' level (the zoo-common part cancels between
+      candidates at similar distances from D*; it still counts where they differ);
+    - else on the marginal intervals: the candidate's optimistic prediction (lower end at D*)
+      is worse than the rival's pessimistic prediction (upper end). With marginal intervals
+      only, this is the rule "optimistic prediction worse than the ``top_k``-th best
+      pessimistic prediction of the others".
+
+    A forecast without an interval (NaN ends and no split, e.g. too few curves to calibrate
+    one) never stops its candidate and never counts as a rival; with fewer than ``top_k``
+    confidently better rivals nothing is stopped. Equality keeps the candidate.
 
     Parameters
     ----------
@@ -100,22 +146,24 @@ def prune_decision(
     """
     if top_k < 1 or grace_points < 1:
         raise ValueError("top_k and grace_points must be >= 1")
-    if own.points < grace_points or not math.isfinite(own.optimistic):
+    if own.points < grace_points:
         return None
-    rivals = sorted(
-        (o for o in others if o.candidate != own.candidate and o.points >= grace_points and math.isfinite(o.pessimistic)),
-        key=lambda o: o.pessimistic,
-    )
-    if len(rivals) < top_k:
+    ahead = []
+    for rival in others:
+        if rival.candidate == own.candidate or rival.points < grace_points:
+            continue
+        note = confidently_better(rival, own)
+        if note is not None:
+            ahead.append((rival.loss, note))
+    if len(ahead) < top_k:
         return None
-    kth = rivals[top_k - 1]
-    if own.optimistic <= kth.pessimistic:
-        return None
-    ahead = ", ".join(f"{o.candidate} ({o.pessimistic:.4g})" for o in rivals[:top_k])
+    notes = ", ".join(note for _, note in sorted(ahead)[:top_k])
+    how = ("beyond the uncertainty of the difference (zoo-common error cancelled)" if own.has_split
+           else "even at its optimistic end against their pessimistic ends")
     return (
-        f"at D={own.n_samples} ({own.points} points) its optimistic loss at D* (lower end of its interval), "
-        f"{own.optimistic:.4g}, was worse than the pessimistic loss (upper end) of the top-{top_k} other "
-        f"candidate(s): {ahead}"
+        f"at D={own.n_samples} ({own.points} points) its predicted loss at D*, {own.loss:.4g} (optimistic end "
+        f"{own.optimistic:.4g}), was worse than that of {len(ahead)} other candidate(s) {how}; top-{top_k} of them: "
+        f"{notes}"
     )
 
 
@@ -146,9 +194,12 @@ class CurvePruner(FIFOScheduler):
     own forecast: ``points`` (observed points with D > 0), ``predicted_loss``, ``pred_lo`` and
     ``pred_hi`` (its interval at D*). The scheduler keeps the latest forecast of every
     candidate, finished ones included, and applies :func:`prune_decision` to each new result:
-    after a grace of ``grace_points`` observed points, a candidate is stopped when its
-    optimistic prediction (lower end of its interval) is worse than the ``top_k``-th best
-    pessimistic prediction (upper ends) among the other candidates. It only ever returns
+    after a grace of ``grace_points`` observed points, a candidate is stopped when at least
+    ``top_k`` other candidates are each confidently better than it at D* (on the interval of
+    the difference when the forecasts split their error into zoo-common and own parts, else
+    optimistic end of the candidate vs pessimistic ends of the rivals). A report at
+    ``last_size`` (the candidate's last probe) stops nothing: stopping there saves no compute,
+    the candidate simply finishes and is ranked on its full curve. It only ever returns
     CONTINUE or STOP, never PAUSE: a paused trial loses its worker group and reloads its
     weights on resume.
 
@@ -172,6 +223,8 @@ class CurvePruner(FIFOScheduler):
         Forecasts of candidates that run in no trial (without a forecaster).
     on_stop : callable, optional
         Called with the :class:`Stop` record the moment a candidate is stopped (to persist it).
+    last_size : int, optional
+        The grid's last probe size; reports at it (or beyond) are never stopped.
     """
 
     def __init__(
@@ -182,6 +235,7 @@ class CurvePruner(FIFOScheduler):
         observed: Mapping[str, Mapping[int, float]] | None = None,
         known: Iterable[Forecast] = (),
         on_stop: Optional[Callable[[Stop], None]] = None,
+        last_size: Optional[int] = None,
     ) -> None:
         if top_k < 1 or grace_points < 1:
             raise ValueError("top_k and grace_points must be >= 1")
@@ -192,6 +246,7 @@ class CurvePruner(FIFOScheduler):
         self._observed: dict[str, dict[int, float]] = {c: dict(p) for c, p in (observed or {}).items()}
         self._latest: dict[str, Forecast] = {f.candidate: f for f in known}
         self._on_stop = on_stop
+        self._last_size = last_size
         self.stopped: dict[str, Stop] = {}
         self._metric = "predicted_loss"
 
@@ -225,7 +280,7 @@ class CurvePruner(FIFOScheduler):
         if reported is not None:
             self._latest[cid] = reported
         own = self._refresh(cid)
-        if own is None:
+        if own is None or (self._last_size is not None and own.n_samples >= self._last_size):
             return TrialScheduler.CONTINUE
         reason = prune_decision(own, self._latest.values(), self._top_k, self._grace)
         if reason is None:

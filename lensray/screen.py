@@ -195,10 +195,26 @@ def forecast(
     return out
 
 
+RELATIVE_PRUNING = True
+"""Forecasts of the ``lensray`` predictor carry the split of their error into a zoo-common and an
+own part (``lensray.selection.lensray_error_split``), so pruning compares candidates on the
+interval of their difference (``lensray.scheduler.confidently_better``); False: marginal intervals."""
+
+
 def zoo_forecaster(method: str, level: float, grid: list[int], target: int, sizes: Mapping[str, Optional[float]],
-                   families: Mapping[str, Optional[str]]):
-    """The scheduler's forecaster: every candidate's points so far, fitted together (zoo context)."""
+                   families: Mapping[str, Optional[str]], relative: Optional[bool] = None):
+    """The scheduler's forecaster: every candidate's points so far, fitted together (zoo context).
+
+    With ``relative`` (default :data:`RELATIVE_PRUNING`) and the ``lensray`` method, each forecast
+    also carries the zoo-common and own half-widths of its error at ``level``.
+    """
+    from scipy import stats
+
+    from lensray.selection import LensraySelector, lensray_error_split
+
     selector = _selector(method, level)
+    split = (RELATIVE_PRUNING if relative is None else relative) and method == "lensray"
+    z = float(stats.norm.ppf(0.5 + level / 2))
     D = np.array(grid, dtype=float)
     col = {d: j for j, d in enumerate(grid)}
 
@@ -212,10 +228,14 @@ def zoo_forecaster(method: str, level: float, grid: list[int], target: int, size
                 if d in col:
                     L[i, col[d]] = loss
         size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
-        pred = selector.predict(Curves(ids, D, L, size, [families.get(c) for c in ids]), target)
+        curves = Curves(ids, D, L, size, [families.get(c) for c in ids])
+        pred = selector.predict(curves, target)
+        common = own = np.full(len(ids), np.nan)
+        if split:
+            common, own = (z * v for v in lensray_error_split(curves, target, LensraySelector()))
         return {
             cid: Forecast(cid, max(observed[cid]), sum(1 for d in observed[cid] if d > 0),
-                          float(pred.loss[i]), float(pred.lo[i]), float(pred.hi[i]))
+                          float(pred.loss[i]), float(pred.lo[i]), float(pred.hi[i]), float(common[i]), float(own[i]))
             for i, cid in enumerate(ids)
         }
 
@@ -691,7 +711,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
     forecaster = zoo_forecaster(ctx.method, ctx.level, grid, ctx.target, {c: i["size"] for c, i in info.items()},
                                 {c: i["family"] for c, i in info.items()})
     scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
-                            observed=ctx.done, on_stop=on_stop)
+                            observed=ctx.done, on_stop=on_stop, last_size=max(grid))
     if backend == "replay":
         trainable = tune.with_resources(tune.with_parameters(replay_trainable, ctx=ctx), {"cpu": 1})
     else:

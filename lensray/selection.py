@@ -382,6 +382,49 @@ class LensraySelector(Selector):
         return _prediction(curves, loss, np.exp(logL - half), np.exp(logL + half), errors=errors, params=params)
 
 
+def lensray_error_split(curves: Curves, target: int, selector: LensraySelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Split the ``lensray`` predictor's log-loss error at ``target`` into a zoo-common and an own part.
+
+    The same leave-future-out backtests as :meth:`LensraySelector._sigma` (the last ``b`` points
+    hidden, ``b = 1, 2, ...``): in backtest ``b`` the errors ``err_i`` of the kept curves are
+    split into their zoo mean ``c_b`` (what moves every candidate together, e.g. the zoo-shared
+    steepening) and the residuals ``u_i = err_i - c_b``. Both parts are scaled to each row's
+    distance ``H_i`` like the predictor's interval, ``(H_i / b)^gamma``, and pooled by root mean
+    square over ``b``: ``sd_common = rms_b(|c_b| g_b)``, ``sd_own = rms_b(rms_i(u_i) g_b)``, so
+    ``sd_common^2 + sd_own^2`` is the square of the predictor's own ``sigma(H_i)``.
+
+    Returns
+    -------
+    sd_common, sd_own : arrays (n,)
+        Standard deviations of the two parts of log L-hat at ``target`` (NaN when no backtest
+        is possible or the row has no points).
+    """
+    sel = LensraySelector() if selector is None else selector
+    xt = np.log2(_check_target(curves, target))
+    x = [np.log2(_row_points(curves, i)[0]) for i in range(len(curves))]
+    y = [np.log(_row_points(curves, i)[1]) for i in range(len(curves))]
+    H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
+    common, own = [], []
+    m_max = max((xi.size for xi in x), default=0)
+    for b in range(1, m_max - sel.k_tangent + 1):
+        keep = [i for i in range(len(x)) if x[i].size - b >= sel.k_tangent]
+        if len(keep) < 2:
+            break
+        xs = [x[i][:-b] for i in keep]
+        pred, _ = sel._forecast(xs, [y[i][:-b] for i in keep], np.array([x[i][-1] for i in keep]))
+        err = np.array([y[i][-1] for i in keep]) - pred
+        if not np.isfinite(err).any():
+            continue
+        horizon = float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
+        g = (np.maximum(H, 0.0) / horizon) ** sel.gamma
+        c = float(np.nanmean(err))
+        common.append(abs(c) * g)
+        own.append(float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
+    if not common:
+        return np.full(H.shape, np.nan), np.full(H.shape, np.nan)
+    return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
+
+
 SELECTORS: dict[str, type[Selector]] = {
     cls.name: cls
     for cls in (

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
-from lensray.scheduler import CurvePruner, Forecast, Stop, forecast_from_result, prune_decision
+from lensray.scheduler import (
+    CurvePruner, Forecast, Stop, confidently_better, forecast_from_result, prune_decision,
+)
 from ray.tune.schedulers import TrialScheduler
 
 
@@ -57,6 +60,72 @@ def test_forecast_without_interval_neither_stops_nor_counts():
     assert prune_decision(fc("y", 2.0, 2.2), [Forecast("a", 800, 3, 1.0, math.nan, math.nan)]) is None
 
 
+def split(cid: str, loss: float, common: float, own: float, points: int = 3, n: int = 800) -> Forecast:
+    """A forecast with the zoo-common/own split of its log half-width (marginal half = common + own)."""
+    half = common + own
+    return Forecast(cid, n, points, loss, loss * math.exp(-half), loss * math.exp(half), common, own)
+
+
+def test_common_mode_error_cancels_in_the_difference():
+    own, rival = split("b", 2.0, 0.3, 0.05), split("a", 1.6, 0.3, 0.05)
+    assert own.optimistic < rival.pessimistic  # the marginal intervals overlap widely
+    marginal = [replace(f, common_half=math.nan, own_half=math.nan) for f in (own, rival)]
+    assert prune_decision(marginal[0], marginal[1:]) is None
+    reason = prune_decision(own, [rival])  # log gap 0.22 > sqrt(0 + 2 * 0.05^2) = 0.07
+    assert reason is not None and "a (1.6" in reason and "optimistic" in reason
+
+
+def test_own_errors_still_protect_a_close_candidate():
+    # log gap 0.095 < sqrt(2) * 0.1: not confidently worse
+    assert prune_decision(split("b", 1.76, 0.3, 0.1), [split("a", 1.6, 0.3, 0.1)]) is None
+
+
+def test_common_parts_at_different_horizons_do_not_cancel():
+    # a young candidate's common error is larger than a finished rival's: the excess counts
+    rival = split("a", 1.6, 0.1, 0.05, points=8)
+    assert confidently_better(rival, split("b", 2.0, 0.1, 0.05)) is not None  # gap 0.22 > 0.07
+    assert confidently_better(rival, split("b", 2.0, 0.35, 0.05)) is None  # gap 0.22 < sqrt(0.25^2 + ...)
+
+
+def test_split_needs_both_sides_else_marginal_intervals():
+    rival = fc("a", 1.5, 1.7, loss=1.6)  # no split
+    assert prune_decision(split("b", 2.0, 0.3, 0.05), [rival]) is None  # 2.0 e^-0.35 = 1.41 <= 1.7
+    assert prune_decision(split("b", 2.0, 0.1, 0.05), [rival]) is not None  # 2.0 e^-0.15 = 1.72 > 1.7
+
+
+def test_top_k_needs_k_confidently_better_rivals():
+    others = [split("a", 1.0, 0.2, 0.02), split("b", 1.05, 0.2, 0.02), split("c", 1.48, 0.2, 0.02)]
+    own = split("x", 1.5, 0.2, 0.02)
+    assert prune_decision(own, others, top_k=2) is not None
+    assert prune_decision(own, others, top_k=3) is None  # c is within the difference's interval
+
+
+def test_report_at_the_last_probe_size_stops_nothing():
+    sched = CurvePruner(known=[fc("done", 1.0, 1.1, points=8)], last_size=800)
+    assert sched.on_trial_result(None, None, _result("b", 1.5, 1.9)) == TrialScheduler.CONTINUE
+    assert sched.stopped == {}
+
+
+def test_error_split_adds_up_to_the_predictors_interval():
+    import numpy as np
+    from scipy import stats
+
+    from lensray.curves import Curves
+    from lensray.selection import LEVEL, LensraySelector, lensray_error_split
+
+    rng = np.random.default_rng(0)
+    D = np.array([0, 200, 400, 800, 1600, 3200, 6400, 12800], dtype=float)
+    L = np.exp(1.0 - 0.15 * np.log2(np.maximum(D, 100))[None, :] * rng.uniform(0.5, 1.5, (12, 1))
+               + rng.normal(0, 0.01, (12, D.size)))
+    L[3, 6:] = np.nan  # a younger candidate: farther from D*, larger errors
+    curves = Curves([f"c{i}" for i in range(12)], D, L, np.full(12, np.nan), [None] * 12)
+    pred = LensraySelector().predict(curves, 1_638_400)
+    common, own = lensray_error_split(curves, 1_638_400)
+    sigma = np.log(pred.hi / pred.loss) / stats.norm.ppf(0.5 + LEVEL / 2)
+    assert np.allclose(np.hypot(common, own), sigma)
+    assert own[3] > own[0] and common[3] > common[0]
+
+
 def test_bad_parameters_raise():
     with pytest.raises(ValueError):
         prune_decision(fc("x", 1, 2), [], top_k=0)
@@ -94,7 +163,7 @@ def test_forecaster_refreshes_all_forecasts_from_the_zoo():
     assert calls == []  # nothing to decide before the grace
     assert sched.on_trial_result(None, None, {"candidate": "b", "n_samples": 800, "loss": 1.8}) == "STOP"
     assert calls[-1]["b"] == {200: 2.0, 400: 1.9, 800: 1.8} and "done" in calls[-1]
-    assert "done (0.9)" in sched.stopped["b"].reason
+    assert "done (pessimistic 0.9 " in sched.stopped["b"].reason
 
 
 def test_failed_candidate_is_no_rival():
@@ -161,3 +230,16 @@ def test_tune_run_stops_only_the_hopeless(ray_local):
     assert last["best"] == 6400 and last["close"] == 6400
     assert set(sched.stopped) == {"bad", "worse"}
     assert all(last[c] < 6400 for c in ("bad", "worse"))
+
+
+def test_zoo_forecaster_splits_the_lensray_error_unless_told_not_to():
+    from lensray.screen import zoo_forecaster
+
+    grid = [0, 200, 400, 800, 1600, 3200]
+    observed = {f"c{i}": {d: 3.0 - 0.1 * (1 + i / 10) * j for j, d in enumerate(grid)} for i in range(6)}
+    observed["c0"][1600] += 0.02  # noise for the backtests
+    split_fc = zoo_forecaster("lensray", 0.9, grid, 1_638_400, {}, {})(observed)
+    plain = zoo_forecaster("lensray", 0.9, grid, 1_638_400, {}, {}, relative=False)(observed)
+    assert all(f.has_split for f in split_fc.values())
+    assert not any(f.has_split for f in plain.values())
+    assert split_fc["c1"].hi == plain["c1"].hi  # the marginal interval is unchanged
