@@ -70,7 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LensrayInputError as exc:
-        msg = " ".join(str(exc).split())
+        from lensray.store import redact
+
+        msg = redact(" ".join(str(exc).split()))
         print(f"error: {msg}", file=sys.stderr)
         return LensrayInputError.exit_code
     except KeyboardInterrupt:

@@ -31,3 +31,11 @@ def test_python_m_lensray_help():
     res = subprocess.run([sys.executable, "-m", "lensray", "--help"], capture_output=True, text=True)
     assert res.returncode == 0
     assert "benchmark" in res.stdout and "screen" in res.stdout
+
+
+def test_input_error_line_never_shows_a_secret(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", "hf_cli_secret_value_123")
+    missing = tmp_path / "hf_cli_secret_value_123.csv"
+    assert main(["benchmark", "--curves", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "hf_cli_secret_value_123" not in err
