@@ -158,12 +158,11 @@ def prune_decision(
     if len(ahead) < top_k:
         return None
     notes = ", ".join(note for _, note in sorted(ahead)[:top_k])
-    how = ("beyond the uncertainty of the difference (zoo-common error cancelled)" if own.has_split
-           else "even at its optimistic end against their pessimistic ends")
     return (
         f"at D={own.n_samples} ({own.points} points) its predicted loss at D*, {own.loss:.4g} (optimistic end "
-        f"{own.optimistic:.4g}), was worse than that of {len(ahead)} other candidate(s) {how}; top-{top_k} of them: "
-        f"{notes}"
+        f"{own.optimistic:.4g}), was confidently worse than that of {len(ahead)} other candidate(s) (log gap beyond "
+        f"the half-width of the difference, zoo-common error cancelled; or interval ends apart); top-{top_k} of "
+        f"them: {notes}"
     )
 
 
