@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from lensray.errors import LensrayInputError
+from lensray.errors import LensrayInputError, one_line
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LensrayInputError as exc:
         from lensray.store import redact
 
-        msg = redact(" ".join(str(exc).split()))
+        msg = redact(one_line(exc))
         print(f"error: {msg}", file=sys.stderr)
         return LensrayInputError.exit_code
     except KeyboardInterrupt:

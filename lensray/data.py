@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from lensray.errors import LensrayInputError
+from lensray.errors import LensrayInputError, one_line
 
 SYNTHETIC = "synthetic"
 _FILE_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -226,7 +226,7 @@ def load_rows(task: TaskConfig) -> list[dict[str, Any]]:
     except LensrayInputError:
         raise
     except Exception as exc:  # datasets raises many types; the user needs one line
-        msg = " ".join(str(exc).split())[:300]
+        msg = one_line(exc, 300)
         raise LensrayInputError(f"task.source {task.source!r} could not be loaded: {msg}") from exc
     if task.max_rows is not None and len(ds) > task.max_rows:
         rows = np.random.default_rng([task.split_seed, 0x5A3B]).choice(len(ds), task.max_rows, replace=False)

@@ -20,3 +20,11 @@ class ProbeDivergedError(RuntimeError):
         super().__init__(message)
         self.step = step
         self.learning_rate = learning_rate
+
+
+def one_line(exc: BaseException | str, limit: int | None = None) -> str:
+    """``exc``'s message on one line (whitespace collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return text

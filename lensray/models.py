@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from lensray.errors import LensrayInputError
+from lensray.errors import LensrayInputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def _hub_folder(model_id: str, allow_pickle: bool, trust_remote_code: bool) -> P
         if local_only:
             raise LensrayInputError(f"model {model_id!r} is not in the local Hugging Face cache and the hub is "
                                     "unreachable or HF_HUB_OFFLINE is set") from exc
-        reason = " ".join(str(exc).split())[:200]
+        reason = one_line(exc, 200)
         raise LensrayInputError(f"model {model_id!r} could not be fetched from the hub: {reason}") from exc
 
 

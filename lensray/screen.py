@@ -43,7 +43,7 @@ import numpy as np
 
 from lensray.config import CandidateConfig, ScreenConfig
 from lensray.curves import Curves
-from lensray.errors import LensrayInputError
+from lensray.errors import LensrayInputError, one_line
 from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop
 from lensray.store import ProbeStore, candidate_key, install_log_redaction
 
@@ -739,7 +739,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
     for res in results:
         cid = (res.config or {}).get("candidate")
         if res.error is not None and cid and (read_decision(store, cid) or {}).get("status") in (None, "retried"):
-            write_decision(store, cid, "failed", (res.metrics or {}).get(TIME_ATTR), _one_line(res.error))
+            write_decision(store, cid, "failed", (res.metrics or {}).get(TIME_ATTR), one_line(res.error, 500))
 
 
 class _quiet_tune:
@@ -779,9 +779,6 @@ def _storage_path(store: ProbeStore, name: str) -> str:
     return store.path(name) if "://" not in store.uri else f"{store.uri.rstrip('/')}/{name}"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) < 500 else text[:497] + "..."
 
 
 # ---------------------------------------------------------------------------------------------

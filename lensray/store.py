@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from lensray.errors import LensrayInputError
+from lensray.errors import LensrayInputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class ProbeStore:
                 return fs, root.rstrip("/")
             return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
         except (OSError, pa.ArrowException, ValueError) as exc:
-            raise LensrayInputError(f"storage.path: cannot open {uri}: {_one_line(exc)}") from None
+            raise LensrayInputError(f"storage.path: cannot open {uri}: {one_line(exc)}") from None
 
     def path(self, name: str) -> str:
         """Full filesystem path of ``name`` (relative, inside the store)."""
@@ -213,7 +213,7 @@ class ProbeStore:
                 back = inp.read()
             self.fs.delete_file(sentinel)
         except (OSError, pa.ArrowException) as exc:
-            raise LensrayInputError(f"storage.path: {self.uri} is not writable: {_one_line(exc)}") from None
+            raise LensrayInputError(f"storage.path: {self.uri} is not writable: {one_line(exc)}") from None
         if back != payload:
             raise LensrayInputError(f"storage.path: {self.uri} returned different bytes than were written")
         if isinstance(self.fs, pafs.LocalFileSystem):
@@ -316,7 +316,7 @@ class ProbeStore:
             with self.fs.open_input_stream(path) as inp:
                 record = json.loads(inp.read().decode("utf-8"))
         except (OSError, pa.ArrowException, UnicodeDecodeError, ValueError) as exc:
-            log.warning("ignoring unreadable probe result %s: %s", path, _one_line(exc))
+            log.warning("ignoring unreadable probe result %s: %s", path, one_line(exc))
             return None
         stem = path.rpartition("/")[2].removesuffix(".json")
         folder = path.rpartition("/")[0].rpartition("/")[2]
@@ -375,5 +375,3 @@ def _cell(value: Any) -> Any:
     return value
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
