@@ -345,9 +345,12 @@ class LensraySelector(Selector):
         return float(np.sum(slope * weight))
 
     # -- interval scale from leave-future-out backtests
-    def _sigma(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray) -> np.ndarray:
-        """Zoo backtest error scaled to each horizon ``H`` (doublings); NaN when no backtest is possible."""
-        scaled = []
+    def _backtests(self, x: list[np.ndarray], y: list[np.ndarray]):
+        """Yield ``(err, horizon)`` per backtest ``b = 1, 2, ...``: the last ``b`` points hidden.
+
+        ``err`` are the log-loss errors of the kept curves at their last point, ``horizon`` the
+        mean distance (doublings) from the hidden-from point to it.
+        """
         m_max = max((xi.size for xi in x), default=0)
         for b in range(1, m_max - self.k_tangent + 1):
             keep = [i for i in range(len(x)) if x[i].size - b >= self.k_tangent]
@@ -358,9 +361,12 @@ class LensraySelector(Selector):
             err = np.array([y[i][-1] for i in keep]) - pred
             if not np.isfinite(err).any():
                 continue
-            horizon = float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
-            rms = float(np.sqrt(np.nanmean(err**2)))
-            scaled.append(rms * (np.maximum(H, 0.0) / horizon) ** self.gamma)
+            yield err, float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
+
+    def _sigma(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray) -> np.ndarray:
+        """Zoo backtest error scaled to each horizon ``H`` (doublings); NaN when no backtest is possible."""
+        scaled = [float(np.sqrt(np.nanmean(err**2))) * (np.maximum(H, 0.0) / horizon) ** self.gamma
+                  for err, horizon in self._backtests(x, y)]
         if not scaled:
             return np.full(H.shape, np.nan)
         return np.sqrt(np.mean(np.square(scaled), axis=0))
@@ -401,21 +407,12 @@ def lensray_error_split(curves: Curves, target: int, selector: LensraySelector |
     """
     sel = LensraySelector() if selector is None else selector
     xt = np.log2(_check_target(curves, target))
-    x = [np.log2(_row_points(curves, i)[0]) for i in range(len(curves))]
-    y = [np.log(_row_points(curves, i)[1]) for i in range(len(curves))]
+    points = [_row_points(curves, i) for i in range(len(curves))]
+    x = [np.log2(D) for D, _ in points]
+    y = [np.log(L) for _, L in points]
     H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
     common, own = [], []
-    m_max = max((xi.size for xi in x), default=0)
-    for b in range(1, m_max - sel.k_tangent + 1):
-        keep = [i for i in range(len(x)) if x[i].size - b >= sel.k_tangent]
-        if len(keep) < 2:
-            break
-        xs = [x[i][:-b] for i in keep]
-        pred, _ = sel._forecast(xs, [y[i][:-b] for i in keep], np.array([x[i][-1] for i in keep]))
-        err = np.array([y[i][-1] for i in keep]) - pred
-        if not np.isfinite(err).any():
-            continue
-        horizon = float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
+    for err, horizon in sel._backtests(x, y):
         g = (np.maximum(H, 0.0) / horizon) ** sel.gamma
         c = float(np.nanmean(err))
         common.append(abs(c) * g)
