@@ -17,8 +17,6 @@ def test_input_error_is_one_line_and_exit_2(capsys, monkeypatch):
 
     parser = build_parser()
     monkeypatch.setattr("lensray.cli.build_parser", lambda: parser)
-    args = parser.parse_args(["benchmark", "--curves", "x.csv"])
-    parser.set_defaults()
     for action in parser._subparsers._group_actions[0].choices.values():
         action.set_defaults(func=boom)
     assert main(["benchmark", "--curves", "x.csv"]) == 2

@@ -100,7 +100,7 @@ BAD_TABLES = {
     "missing id column": ("model,0,200,400,800\na,4,3,2,1\n", "missing column 'config name'"),
     "duplicate column": ("config name,0,200,400,400,800\na,4,3,2,1.5,1\n", "duplicate column '400'"),
     "duplicate numeric column": ("config name,200,400,400.0,800\na,3,2,1.5,1\n", "duplicate sample-size column"),
-    "duplicate size column": (f"config name,200,400,800,size,Size\na,3,2,1,5,5\n", "duplicate column 'Size'"),
+    "duplicate size column": ("config name,200,400,800,size,Size\na,3,2,1,5,5\n", "duplicate column 'Size'"),
     "sizes not increasing": ("config name,0,400,200,800\na,4,3,2,1\n", "not increasing: column '200'"),
     "negative column": ("config name,-200,400,800,1600\na,4,3,2,1\n", "column '-200'"),
     "too few columns": ("config name,0,200,400\na,4,3,2\n", "at least 3 sample-size columns"),

@@ -19,7 +19,7 @@ from lensray.cli import main
 from lensray.config import load_config
 from lensray.screen import finish, make_plan, write_decision
 from lensray.screen_cli import summarise
-from lensray.store import ProbeStore, candidate_key
+from lensray.store import ProbeStore
 from lensray.synthetic_zoo import synthetic_zoo, write_curves_csv
 
 TARGET = 1_638_400

@@ -86,7 +86,7 @@ def test_partial_corrupt_and_temp_files_are_ignored(tmp_path, caplog):
     full = path.read_text()
     path.write_text(full[: len(full) // 2])  # a crash mid-write (no atomic rename on this backend)
     (folder / "800.json").write_text("")
-    (folder / f".1600.json.tmp-deadbeef").write_text(json.dumps(_result(1600)))
+    (folder / ".1600.json.tmp-deadbeef").write_text(json.dumps(_result(1600)))
     (folder / "3200.json").write_text(json.dumps(_result(6400)))  # name and content disagree
     (folder / "12800.json").write_text(json.dumps({"n_samples": 12800, "candidate": "someone-else"}))
     (folder / "notes.txt").write_text("not a result")
@@ -249,8 +249,6 @@ def test_uri_backed_store_works_without_a_local_disk():
 
 def test_relative_local_path_is_made_absolute(tmp_path, monkeypatch):
     """Ray workers run in their own working directory: the URI they get must be absolute."""
-    import os
-
     from lensray.store import ProbeStore
 
     monkeypatch.chdir(tmp_path)
