@@ -319,6 +319,7 @@ def _probe_loop(loop_config: dict) -> None:
     import ray.train
 
     from lensray.data import TaskConfig
+    from lensray.parallel import agreed, data_parallel, sum_over_ranks
     from lensray.probe import ProbeConfig, ProbeRunner
 
     install_log_redaction()  # a worker process: its log lines are redacted too
@@ -341,16 +342,16 @@ def _probe_loop(loop_config: dict) -> None:
         return
     world = ray.train.get_context().get_world_size()
     if world > 1:
-        _data_parallel(runner, rank, world, cand["strategy"])
+        data_parallel(runner, rank, world, cand["strategy"])
     for d in ctx.grid:
         if d in losses:
             continue
-        if _agreed(rank, rank == 0 and (read_decision(store, cid) or {}).get("status") == "pruned"):
+        if agreed(rank, rank == 0 and (read_decision(store, cid) or {}).get("status") == "pruned"):
             return  # pruned while the last report travelled to Tune: run no further probe
         result = runner.run(d)
         record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time()}
         if world > 1:  # tokens (hence FLOPs) of every rank's shard
-            record["tokens"] = _sum_over_ranks(result.tokens, runner.device)
+            record["tokens"] = sum_over_ranks(result.tokens, runner.device)
             record["flops"] = 6.0 * result.n_params * record["tokens"]
         if result.status != "ok":
             reason = f"probe at D={d} {result.status}: {result.error}"
@@ -363,68 +364,6 @@ def _probe_loop(loop_config: dict) -> None:
         losses[d] = float(result.test_loss)
         metrics = _report_record(ctx, cid, record, losses) if rank == 0 else {}
         ray.train.report(metrics)
-
-
-class _RankShard:
-    """A task whose subsets are this rank's equal share of the nested subsets (padded by wrap-around)."""
-
-    def __init__(self, data: Any, rank: int, world: int) -> None:
-        self._data, self._rank, self._world = data, rank, world
-
-    def subset(self, n_samples: int, seed: int = 0) -> list:
-        rows = self._data.subset(n_samples, seed)
-        if not rows:
-            return rows
-        per_rank = -(-len(rows) // self._world)
-        return [rows[(self._rank + self._world * i) % len(rows)] for i in range(per_rank)]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._data, name)
-
-
-def _data_parallel(runner: Any, rank: int, world: int, strategy: str) -> None:
-    """Data parallelism across the Train workers, as DDP does it: each rank trains on its shard
-    and every gradient is averaged over the ranks (all-reduce) as soon as it is accumulated.
-
-    The probe engine owns the training loop, so instead of wrapping the model in
-    ``DistributedDataParallel`` (whose ``module.`` state-dict prefix would break the engine's
-    weight resets) the same all-reduce runs in per-parameter post-accumulate hooks. The
-    effective batch is ``micro_batch * grad_accum * world``. The weights stay identical on every
-    rank, so every rank measures the same test loss. ``fsdp`` is not sharded yet: it runs this.
-    """
-    import torch.distributed as dist
-
-    if strategy != "ddp":
-        log.warning("strategy %r: parameters are not sharded; running data-parallel (DDP-style)", strategy)
-
-    def average(param: Any) -> None:
-        dist.all_reduce(param.grad)
-        param.grad.div_(world)
-
-    runner.data = _RankShard(runner.data, rank, world)
-    for param in runner.model.parameters():
-        if param.requires_grad:
-            param.register_post_accumulate_grad_hook(average)
-
-
-def _sum_over_ranks(value: float, device: Any) -> float:
-    import torch
-    import torch.distributed as dist
-
-    box = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(box)
-    return float(box.item())
-
-
-def _agreed(rank: int, flag: bool) -> bool:
-    """Rank 0's flag on every rank (one broadcast when several workers run)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    box = [flag]
-    dist.broadcast_object_list(box, src=0)
-    return bool(box[0])
 
 
 def train_trainable(config: dict, ctx: TrialContext) -> None:
