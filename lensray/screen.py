@@ -319,7 +319,7 @@ def _probe_loop(loop_config: dict) -> None:
     import ray.train
 
     from lensray.data import TaskConfig
-    from lensray.parallel import agreed, data_parallel, sum_over_ranks
+    from lensray.parallel import agreed
     from lensray.probe import ProbeConfig, ProbeRunner
 
     install_log_redaction()  # a worker process: its log lines are redacted too
@@ -340,9 +340,8 @@ def _probe_loop(loop_config: dict) -> None:
             write_decision(store, cid, "failed", None, reason)
         ray.train.report({"candidate": cid, "failed": True, "error": reason})
         return
-    world = ray.train.get_context().get_world_size()
-    if world > 1:
-        data_parallel(runner, rank, world, cand["strategy"])
+    if ray.train.get_context().get_world_size() > 1 and cand["strategy"] != "ddp":
+        log.warning("strategy %r: parameters are not sharded; running data-parallel (DDP)", cand["strategy"])
     for d in ctx.grid:
         if d in losses:
             continue
@@ -350,9 +349,6 @@ def _probe_loop(loop_config: dict) -> None:
             return  # pruned while the last report travelled to Tune: run no further probe
         result = runner.run(d)
         record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time()}
-        if world > 1:  # tokens (hence FLOPs) of every rank's shard
-            record["tokens"] = sum_over_ranks(result.tokens, runner.device)
-            record["flops"] = 6.0 * result.n_params * record["tokens"]
         if result.status != "ok":
             reason = f"probe at D={d} {result.status}: {result.error}"
             if rank == 0:
