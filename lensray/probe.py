@@ -19,6 +19,18 @@ model is wrapped in DistributedDataParallel and every optimiser step's
 ``micro_batch * grad_accum`` samples are split across the workers, so a probe's steps,
 tokens and loss do not depend on the number of workers; evaluation is sharded and reduced.
 Divergence is decided collectively; an out-of-memory error is assumed to hit every worker.
+
+Strategy ``"fsdp"`` (``ProbeRunner(..., strategy="fsdp")``, several workers only) shards the
+parameters instead of replicating them, with PyTorch FSDP2 (``fully_shard``): each transformer
+block is one unit, then the root; parameters, gradients and AdamW state are ``DTensor``s of
+which a rank holds about 1/world. The engine's semantics are kept: the same per-step sample
+split and loss scaling (FSDP averages gradients over ranks like DDP), clipping of the global
+gradient norm, the same number of forward passes on every rank (a rank short of samples runs
+a zero-weight pass, which FSDP's collectives need), and the weight reset between probes and
+the early-stopping restore copy each rank's own shards (no full copy of the model is kept).
+The NTK features (``probe.ntk``) need per-sample gradients of unsharded parameters and are
+refused with strategy ``"fsdp"`` on several workers (LensrayInputError at load); with one
+worker both strategies are plain single-process training.
 """
 
 from __future__ import annotations
@@ -195,6 +207,13 @@ def _distributed() -> tuple[int, int]:
     return 1, 0
 
 
+def _state_bytes(opt: Any) -> int:
+    """Bytes of this rank's optimiser state (with FSDP: the shards of the moments)."""
+    from lensray.parallel import local_bytes
+
+    return local_bytes(v for state in opt.state.values() for v in state.values() if hasattr(v, "numel"))
+
+
 def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
     import torch
     import torch.distributed as dist
@@ -202,6 +221,9 @@ def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 class ProbeRunner:
@@ -219,11 +241,18 @@ class ProbeRunner:
         An already loaded task (shared between runners); loaded from ``task`` when None.
     faults:
         Fault injection for tests; defaults to ``FaultInjector.from_env()``.
+    strategy:
+        ``"ddp"`` (replicated parameters) or ``"fsdp"`` (sharded with FSDP2); it matters only
+        when a torch.distributed group of several ranks is initialised (see the module docstring).
     """
 
     def __init__(self, model: str, task: TaskConfig | None = None, probe: ProbeConfig | None = None,
                  trust_remote_code: bool = False, allow_pickle: bool = False,
-                 task_data: TaskData | None = None, faults: FaultInjector | None = None):
+                 task_data: TaskData | None = None, faults: FaultInjector | None = None,
+                 strategy: str = "ddp"):
+        if strategy not in STRATEGIES:
+            raise LensrayInputError(f"strategy {strategy!r} is not one of {list(STRATEGIES)}")
+        self.strategy = strategy
         self.model_id = model
         self.task = task or TaskConfig()
         self.probe = probe or ProbeConfig()
@@ -250,9 +279,9 @@ class ProbeRunner:
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, kind: Literal["causal", "seq2seq"], task_data: TaskData,
                    task: TaskConfig | None = None, probe: ProbeConfig | None = None, name: str = "model",
-                   faults: FaultInjector | None = None) -> "ProbeRunner":
+                   faults: FaultInjector | None = None, strategy: str = "ddp") -> "ProbeRunner":
         """A runner around an already built model (benchmarks, models built in memory)."""
-        runner = cls(name, task, probe, task_data=task_data, faults=faults)
+        runner = cls(name, task, probe, task_data=task_data, faults=faults, strategy=strategy)
         return runner._attach(model, tokenizer, kind)
 
     def _attach(self, model: Any, tokenizer: Any, kind: Literal["causal", "seq2seq"]) -> "ProbeRunner":
@@ -264,16 +293,28 @@ class ProbeRunner:
             raise LensrayInputError("probe.device is 'cuda' but no GPU is available")
         on_gpu = want == "cuda" or (want == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-        self._init_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
-        self._model = model.to(self.device)
         self.world, self.rank = _distributed()
+        self.n_params = sum(p.numel() for p in model.parameters())
         self._ddp = None
-        if self.world > 1:
+        self._fsdp = self.world > 1 and self.strategy == "fsdp"
+        if self._fsdp:
+            from lensray.parallel import fully_shard_model, local_snapshot
+
+            if self.probe.ntk:
+                raise LensrayInputError("probe.ntk is not supported with strategy 'fsdp' on several workers "
+                                        "(per-sample gradients of sharded parameters); use strategy 'ddp'")
+            fully_shard_model(model, self.device, self.world)  # in place; moves the shards to the device
+            self._model = model
+            self._init_state = local_snapshot(model, torch.device("cpu"))  # this rank's shards only
+        else:
+            self._init_state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()}
+            self._model = model.to(self.device)
+        if self.world > 1 and not self._fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self._ddp = DistributedDataParallel(self._model, device_ids=[self.device.index] if on_gpu else None,
                                                 find_unused_parameters=True)
-        self.n_params = sum(p.numel() for p in model.parameters())
+        self.optimizer_state_bytes = 0
         self.pad_id = tokenizer.pad_token_id
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         self.max_length = min(self.task.max_length, limit) if limit else self.task.max_length
@@ -287,8 +328,19 @@ class ProbeRunner:
         return self.load()._model
 
     def reset(self) -> None:
-        """Restore the pre-trained weights."""
-        self._model.load_state_dict(self._init_state)
+        """Restore the pre-trained weights (with FSDP: this rank's shards of them)."""
+        if self._fsdp:
+            from lensray.parallel import restore_snapshot
+
+            restore_snapshot(self._model, self._init_state)
+        else:
+            self._model.load_state_dict(self._init_state)
+
+    def parameter_bytes(self) -> int:
+        """Bytes of parameter storage held by this rank (with FSDP: its shards only)."""
+        from lensray.parallel import local_bytes
+
+        return local_bytes(self.load()._model.parameters())
 
     def _free_memory(self) -> None:
         """Drop gradients and cached GPU blocks after a failed attempt."""
@@ -297,6 +349,10 @@ class ProbeRunner:
         import torch
 
         self._model.zero_grad(set_to_none=True)
+        if self._fsdp:
+            from lensray.parallel import reset_fsdp_iteration
+
+            reset_fsdp_iteration(self._model)  # an error inside forward/backward leaves FSDP mid-iteration
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -334,7 +390,9 @@ class ProbeRunner:
     def evaluate(self, encoded: list[Encoded]) -> float:
         """Mean NLL per target token of ``encoded`` under the current weights.
 
-        With several data-parallel workers each evaluates its share and the sums are reduced.
+        With several data-parallel workers each evaluates its share and the sums are reduced;
+        with FSDP every rank runs the same number of forward passes (a rank with fewer batches
+        runs extra ones whose result is dropped), since each forward gathers the parameters.
         """
         import torch
 
@@ -342,11 +400,14 @@ class ProbeRunner:
         total, count = 0.0, 0
         size = self._eval_batch
         mine = encoded[self.rank :: self.world]
+        passes = math.ceil(len(encoded[0 :: self.world]) / size) if self._fsdp else math.ceil(len(mine) / size)
         with torch.no_grad():
-            for i in range(0, len(mine), size):
-                nll, n = self._batch_nll(collate(mine[i : i + size], self.pad_id, self.kind))
-                total += float(nll)
-                count += int(n)
+            for i in range(0, passes * size, size):
+                batch = mine[i : i + size]
+                nll, n = self._batch_nll(collate(batch or encoded[:1], self.pad_id, self.kind))
+                if batch:
+                    total += float(nll)
+                    count += int(n)
         if self.world > 1:
             total, count = _all_reduce_sum([total, count], self.device)
         return total / max(count, 1)
@@ -402,6 +463,9 @@ class ProbeRunner:
             n_target = sum(sum(1 for x in (e.decoder_labels or e.labels) if x != -100) for e in chunk)
             mine = chunk[self.rank :: self.world]  # this worker's share of the step's samples
             micros = [mine[m : m + micro_batch] for m in range(0, len(mine), micro_batch)]
+            if self._fsdp:  # as many passes on every rank: the short ones repeat a sample at weight 0
+                most = math.ceil(len(chunk[0 :: self.world]) / micro_batch)
+                micros += [[]] * (most - len(micros))
             opt.zero_grad(set_to_none=True)
             finite = torch.ones((), dtype=torch.bool, device=self.device)
             for j, micro in enumerate(micros):
@@ -409,9 +473,9 @@ class ProbeRunner:
                     self.faults.before_micro_step(micro_batch)
                 last = j == len(micros) - 1
                 with contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync():
-                    nll, _ = self._batch_nll(collate(micro, self.pad_id, self.kind), module)
-                    # DDP averages gradients over workers: scale so that the sum is the step's mean
-                    loss = nll * self.world / max(n_target, 1)
+                    nll, _ = self._batch_nll(collate(micro or mine[:1], self.pad_id, self.kind), module)
+                    # DDP and FSDP average gradients over workers: scale so that the sum is the step's mean
+                    loss = nll * (self.world / max(n_target, 1) if micro else 0.0)
                     if self.faults and self.faults.poison(step + 1, lr):
                         loss = loss * float("nan")
                     finite &= torch.isfinite(loss.detach())
@@ -433,19 +497,36 @@ class ProbeRunner:
                     raise _Diverged(done, val)
                 if val < best:
                     best, since_best = val, 0
-                    best_state = {k: v.detach().clone() for k, v in self._model.state_dict().items()}
+                    best_state = self._snapshot()
                 else:
                     since_best += 1
                     if since_best >= p.patience:
                         break
         if best_state is not None:
-            self._model.load_state_dict(best_state)
+            self._restore(best_state)
+        self.optimizer_state_bytes = _state_bytes(opt)
         self._model.eval()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.world > 1:
             tokens = int(_all_reduce_sum([tokens], self.device)[0])
         return done, tokens, time.perf_counter() - start
+
+    def _snapshot(self) -> dict[str, Any]:
+        """A copy of the current weights on the device (with FSDP: this rank's shards)."""
+        if self._fsdp:
+            from lensray.parallel import local_snapshot
+
+            return local_snapshot(self._model)
+        return {k: v.detach().clone() for k, v in self._model.state_dict().items()}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if self._fsdp:
+            from lensray.parallel import restore_snapshot
+
+            restore_snapshot(self._model, state)
+        else:
+            self._model.load_state_dict(state)
 
     def _ntk_kernel(self, seed: int) -> Any:
         """NTK features (``lensray.ntk.NTKFeatures``) of the pre-trained weights on the fixed probe set.
