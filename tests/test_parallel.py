@@ -70,6 +70,9 @@ def _fsdp_worker(rank: int, world: int, init_file: str, cache: str, out: str) ->
         res["sharded"] = all(type(p).__name__ == "DTensor" for p in r.model.parameters())
         oom = ProbeRunner(GPT2, TASK, ProbeConfig(**FAST), strategy="fsdp", faults=FaultInjector(oom_above=2))
         res["oom"] = oom.load().run(N).to_dict()
+        nan = ProbeRunner(GPT2, TASK, ProbeConfig(**FAST), strategy="fsdp",
+                          faults=FaultInjector(nan_at_step=2, nan_above_lr=7e-4))  # diverges after FSDP's lazy init
+        res["nan"] = nan.load().run(N).to_dict()
         try:
             ProbeRunner(GPT2, TASK, ProbeConfig(**FAST, ntk=True), strategy="fsdp").load()
             res["ntk_error"] = None
@@ -157,6 +160,15 @@ def test_fsdp_out_of_memory_retry(fsdp, data):
         r = rank["oom"]
         assert r["status"] == "ok" and [a["outcome"] for a in r["attempt_log"]] == ["oom", "oom", "ok"]
         assert r["steps"] == plain.steps and r["test_loss"] == pytest.approx(plain.test_loss, rel=REL)
+
+
+def test_fsdp_nan_retry_at_half_the_learning_rate(fsdp, data):
+    half = single(data, learning_rate=5e-4).run(N)
+    for rank in fsdp:
+        r = rank["nan"]
+        assert r["status"] == "ok" and r["learning_rate"] == 5e-4
+        assert [a["outcome"] for a in r["attempt_log"]] == ["diverged", "ok"]
+        assert r["test_loss"] == pytest.approx(half.test_loss, rel=REL)
 
 
 def test_fsdp_refuses_ntk_with_a_clear_error(fsdp):
