@@ -1,7 +1,7 @@
 """Replay screening at zoo scale, and pruning safety on the benchmark tables.
 
-    python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal]
-    python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal]
+    python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal] [--no-scout]
+    python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal] [--no-scout]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -34,14 +34,17 @@ TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
 
 
-def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None) -> tuple[dict, object]:
+def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None,
+            scout: bool = True) -> tuple[dict, object]:
     from lensray.screen import screen
     from lensray.screen_cli import replay_config
 
     config = None
-    if level is not None:  # predictor.level through a config file, as a user would
-        config = out.parent / "level.yaml"
-        config.write_text(f"predictor: {{method: lensray, level: {level}}}\n")
+    lines = ([f"predictor: {{method: lensray, level: {level}}}"] if level is not None else []) + \
+        ([] if scout else ["pruning: {scout: false}"])
+    if lines:  # settings through a config file, as a user would
+        config = out.parent / "settings.yaml"
+        config.write_text("\n".join(lines) + "\n")
     args = argparse.Namespace(replay=str(csv), config=None if config is None else str(config), out=str(out),
                               address=None, max_samples=max_samples, target_samples=TARGET, resume=False)
     config, curves = replay_config(args)
@@ -92,7 +95,7 @@ def scale(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         t_init = time.perf_counter() - t0
-        sel, curves = _replay(csv, Path(tmp) / "out", args.max_samples)
+        sel, curves = _replay(csv, Path(tmp) / "out", args.max_samples, scout=not args.no_scout)
         wall = time.perf_counter() - t0
         ray.shutdown()
     status = [e["status"] for e in sel["ranking"]]
@@ -101,7 +104,7 @@ def scale(args: argparse.Namespace) -> dict:
     chosen = true[curves.ids.index(sel["selected"])]
     return {
         "candidates": args.n, "max_samples": args.max_samples, "cpus": args.cpus, "tune_loggers": args.tune_loggers,
-        "marginal": args.marginal,
+        "marginal": args.marginal, "scout": not args.no_scout,
         "wall_seconds": round(wall, 2), "ray_init_seconds": round(t_init, 2),
         "forecast_seconds": round(spent["seconds"], 2), "forecast_calls": spent["calls"],
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -129,7 +132,7 @@ def tables(args: argparse.Namespace) -> list[dict]:
             for r in RATIOS:
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.perf_counter()
-                    sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r, args.level)
+                    sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r, args.level, not args.no_scout)
                     wall = time.perf_counter() - t0
                 rank = {e["candidate"]: e for e in sel["ranking"]}
                 chosen = true[full.ids.index(sel["selected"])]
@@ -162,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--level", type=float, default=None, help="predictor.level (default: the config's, 0.9)")
     for sp in (p, t):
         sp.add_argument("--marginal", action="store_true", help="prune on marginal intervals (the earlier rule)")
+        sp.add_argument("--no-scout", action="store_true", help="pruning.scout: false (no scout stage)")
     args = parser.parse_args(argv)
     if args.mode == "scale":
         print(json.dumps(scale(args)))

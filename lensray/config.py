@@ -77,7 +77,8 @@ class CandidateConfig(_Model):
     gpus: float = Field(0, ge=0, description="GPUs per Ray Train worker")
     cpus: float = Field(1, gt=0, description="CPUs per Ray Train worker")
     workers: int = Field(1, ge=1, description="Ray Train workers (more than 1 for DDP/FSDP)")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="data parallelism across workers")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="across workers: ddp replicates the model, fsdp "
+                                             "shards parameters, gradients and optimiser state (FSDP2)")
     trust_remote_code: bool = Field(False, description="run code from the model repository (unsafe; warns)")
     allow_pickle: bool = Field(False, description="accept pickle-based checkpoints (unsafe)")
 
@@ -100,6 +101,9 @@ class PruningConfig(_Model):
     enabled: bool = Field(True, description="stop losing candidates early")
     top_k: int = Field(1, ge=1, description="a candidate is kept while it can still reach the top k")
     grace_points: int = Field(3, ge=3, description="probes (D > 0) a candidate runs before it can be stopped")
+    scout: bool = Field(True, description="first probe every candidate up to the grace, then continue them best "
+                        "predicted first: each is judged against the whole zoo's early curves (one more worker-group "
+                        "start per candidate)")
     mode: Literal["stop"] = Field("stop", description="only STOP: a Tune PAUSE reloads weights on resume")
 
 
@@ -287,6 +291,9 @@ def _check_semantics(config: ScreenConfig) -> None:
         if redact(cand.id) != cand.id:  # ids are written to every output, where secrets never go
             raise LensrayInputError(f"zoo[{i}].id: holds the value of a secret environment variable; choose another id")
         seen[cand.id] = i
+        if cand.strategy == "fsdp" and cand.workers > 1 and config.probe.ntk:
+            raise LensrayInputError(f"zoo[{i}].strategy: fsdp shards the parameters, the NTK features (probe.ntk) need "
+                                    "whole per-sample gradients; use strategy ddp or turn probe.ntk off")
 
 
 def check_train_size(config: ScreenConfig, n_train: int) -> None:

@@ -8,6 +8,12 @@ candidate's curve so far is fitted with the configured predictor and the trial r
 ``n_samples``, the observed loss, the fitted parameters and the predicted loss at D* with its
 interval. The scheduler may STOP the trial after any report; the decision is persisted too.
 
+Stages (``pruning.scout``, on by default): every candidate first runs its probes up to the
+grace (the scout stage, where nothing can be stopped anyway); then the candidates continue,
+best predicted first, so each continuing candidate is judged against the whole zoo's early
+curves and strong rivals finish early. The second stage is a resume of the first: its trials
+start from the stored probes.
+
 Backends:
 
 - ``train``: the trainable launches one ``TorchTrainer`` per candidate (Ray Train V2) whose
@@ -331,7 +337,8 @@ def _probe_loop(loop_config: dict) -> None:
     # re-read the store: after a worker restart the probes finished before the crash are kept
     losses = {n: float(r["test_loss"]) for n, r in store.completed(cid).items() if r.get("status", "ok") == "ok"}
     runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**(ctx.probe or {})),
-                         trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"])
+                         trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"],
+                         strategy=cand["strategy"])
     try:
         runner.load()
     except Exception as exc:  # noqa: BLE001 - any load failure makes the candidate failed, not the run
@@ -340,8 +347,6 @@ def _probe_loop(loop_config: dict) -> None:
             write_decision(store, cid, "failed", None, reason)
         ray.train.report({"candidate": cid, "failed": True, "error": reason})
         return
-    if ray.train.get_context().get_world_size() > 1 and cand["strategy"] != "ddp":
-        log.warning("strategy %r: parameters are not sharded; running data-parallel (DDP)", cand["strategy"])
     for d in ctx.grid:
         if d in losses:
             continue
@@ -395,7 +400,7 @@ def train_trainable(config: dict, ctx: TrialContext) -> None:
 
 
 def _progress_callback(total: int, known: dict[str, str], flops_start: float, full: float, stream=None,
-                       every: float = 2.0):
+                       every: float = 2.0, prefix: str = ""):
     """A Tune callback printing progress lines on stderr: running / pruned / done / failed, compute.
 
     A line is printed at most every 0.5 s when candidates finish, stop or fail, at most every
@@ -419,7 +424,7 @@ def _progress_callback(total: int, known: dict[str, str], flops_start: float, fu
                 return
             self.last_counts, self.last_time = counts, now
             share = f" ({100 * self.flops / full:.2f}% of full tuning)" if full > 0 else ""
-            print(f"[{now - self.t0:7.1f}s] running {counts[0]} | pruned {counts[1]} | done {counts[2]} | "
+            print(f"[{now - self.t0:7.1f}s] {prefix}running {counts[0]} | pruned {counts[1]} | done {counts[2]} | "
                   f"failed {counts[3]} | of {total} | compute {self.flops:.3g} FLOPs{share}",
                   file=stream or sys.stderr, flush=True)
 
@@ -574,11 +579,16 @@ def screen(
         raise LensrayInputError(f"storage.path: {store.uri} already holds probe results; pass --resume or use another --out")
     store.write_text("config.yaml", config.to_yaml())
     grid = _grid(config, replay)
-    plans = make_plan(config, store, grid)
+    stages = scout_stages(config, grid)
 
     started = _init_ray(config)
     try:
-        _run_trials(config, store, plans, grid, backend, replay, progress)
+        failed: set[str] = set()
+        for upto in stages:
+            plans = make_plan(config, store, [d for d in grid if d <= upto])
+            _run_trials(config, store, plans, grid, backend, replay, progress, upto=upto, exclude=failed,
+                        by_forecast=upto == grid[-1] and len(stages) > 1)
+            failed |= {p.candidate.id for p in plans if (read_decision(store, p.candidate.id) or {}).get("status") == "failed"}
     finally:
         if started:
             import ray
@@ -597,26 +607,57 @@ def _candidate_info(config: ScreenConfig, replay: Optional[Curves]) -> dict[str,
     return info
 
 
-def trial_order(ids: list[str], info: Mapping[str, dict]) -> list[str]:
-    """Largest known size first (unknown sizes last, zoo order among equals).
+def scout_stages(config: ScreenConfig, grid: list[int]) -> list[int]:
+    """The largest probe size of each stage of the run: ``[scout size, last size]`` or ``[last size]``.
+
+    With ``pruning.scout`` (and pruning on, and a grid longer than the grace) every candidate is
+    first probed up to its ``grace_points``-th size D > 0 (the scout stage: nothing can be
+    stopped before the grace anyway, and at the grace the usual rule applies); then the
+    candidates continue, best predicted first, each judged by the scheduler against the whole
+    zoo's early curves. Without scouting, a candidate
+    that runs early has few rivals with forecasts and cannot be stopped, whatever it costs.
+    """
+    positive = [d for d in grid if d > 0]
+    grace = config.pruning.grace_points
+    if config.pruning.enabled and config.pruning.scout and len(positive) > grace:
+        return [positive[grace - 1], grid[-1]]
+    return [grid[-1]]
+
+
+def trial_order(ids: list[str], info: Mapping[str, dict], forecasts: Optional[Mapping[str, Forecast]] = None) -> list[str]:
+    """Best predicted loss at D* first when ``forecasts`` are given, else largest known size first.
 
     Pruning compares each candidate with the ones seen so far, so a strong rival found early
-    stops more of the others early; larger checkpoints are more often the strong ones after
-    fine-tuning, and a pruned large candidate is the biggest saving.
+    stops more of the others early. After the scout stage the predictions say which rivals are
+    strong; before it, larger checkpoints are more often the strong ones after fine-tuning.
+    Ties (and candidates without a forecast) go largest first, unknown sizes last, zoo order
+    among equals.
     """
     size = {cid: info[cid].get("size") or 0.0 for cid in ids}
-    return sorted(ids, key=lambda cid: -size[cid])
+
+    def predicted(cid: str) -> float:
+        f = (forecasts or {}).get(cid)
+        return f.loss if f is not None and math.isfinite(f.loss) else math.inf
+
+    return sorted(ids, key=lambda cid: (predicted(cid), -size[cid]))
 
 
 def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePlan], grid: list[int],
-                backend: Backend, replay: Optional[Curves], progress: bool) -> None:
-    """Run one Tune trial per candidate that still needs probes (decisions go to the store)."""
+                backend: Backend, replay: Optional[Curves], progress: bool, upto: Optional[int] = None,
+                exclude: frozenset[str] | set[str] = frozenset(), by_forecast: bool = False) -> None:
+    """Run one Tune trial per candidate that still needs probes up to ``upto`` (decisions go to the store).
+
+    ``grid`` is the whole probe grid (the forecasts' columns); trials probe its sizes up to
+    ``upto`` (default: all). Candidates in ``exclude`` (failed in an earlier stage) run no trial.
+    With ``by_forecast`` the trials start best predicted first (:func:`trial_order`).
+    """
     import ray
     from ray import tune
 
     info = _candidate_info(config, replay)
+    sizes = [d for d in grid if upto is None or d <= upto]
     ctx = TrialContext(
-        store_uri=store.uri, grid=grid, target=config.target_samples, method=config.predictor.method,
+        store_uri=store.uri, grid=sizes, target=config.target_samples, method=config.predictor.method,
         level=config.predictor.level,
         done={p.candidate.id: {n: float(r["test_loss"]) for n, r in p.done.items()} for p in plans},
         candidates=info, tokens_per_sample=config.tokens_per_sample,
@@ -626,15 +667,20 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
     if replay is not None:
         col = {int(d): j for j, d in enumerate(replay.D)}
         ctx.replay = {cid: {d: float(replay.L[i, col[d]]) for d in grid} for i, cid in enumerate(replay.ids)}
-    states = {p.candidate.id: ("pruned" if p.decision else "done") for p in plans if not p.needs_trial}
-    for p in plans:
+    runs = [p for p in plans if p.needs_trial and p.candidate.id not in exclude]
+    states = {p.candidate.id: ("failed" if p.candidate.id in exclude else "pruned" if p.decision else "done")
+              for p in plans if p not in runs}
+    for p in runs:
         previous = read_decision(store, p.candidate.id)
-        if p.needs_trial and previous and previous.get("status") == "failed":
+        if previous and previous.get("status") == "failed":
             write_decision(store, p.candidate.id, "retried", None, previous.get("reason", ""))
-    todo = trial_order([p.candidate.id for p in plans if p.needs_trial], info)
+    forecaster = zoo_forecaster(ctx.method, ctx.level, grid, ctx.target, {c: i["size"] for c, i in info.items()},
+                                {c: i["family"] for c, i in info.items()})
+    todo = trial_order([p.candidate.id for p in runs], info, forecaster(ctx.done) if by_forecast else None)
     spent = sum(float(r.get("flops") or 0.0) for p in plans for r in p.done.values())
     full = _full_tuning(config, info, store.get_all() if backend == "train" else [])
-    bar = _progress_callback(len(plans), states, spent, full) if progress else None
+    stage = "" if upto is None or upto >= grid[-1] else f"scout D<={upto:,}: "
+    bar = _progress_callback(len(plans), states, spent, full, prefix=stage) if progress else None
 
     def on_stop(stop: Stop) -> None:
         write_decision(store, stop.candidate, "pruned", stop.n_samples, stop.reason)
@@ -643,8 +689,6 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
 
     if not todo:
         return
-    forecaster = zoo_forecaster(ctx.method, ctx.level, grid, ctx.target, {c: i["size"] for c, i in info.items()},
-                                {c: i["family"] for c, i in info.items()})
     scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
                             observed=ctx.done, on_stop=on_stop, last_size=max(grid))
     if backend == "replay":

@@ -397,7 +397,17 @@ def lensray_error_split(curves: Curves, target: int, selector: LensraySelector |
     steepening) and the residuals ``u_i = err_i - c_b``. Both parts are scaled to each row's
     distance ``H_i`` like the predictor's interval, ``(H_i / b)^gamma``, and pooled by root mean
     square over ``b``: ``sd_common = rms_b(|c_b| g_b)``, ``sd_own = rms_b(rms_i(u_i) g_b)``, so
-    ``sd_common^2 + sd_own^2`` is the square of the predictor's own ``sigma(H_i)``.
+    ``sd_common^2 + sd_own^2`` is the square of the predictor's own ``sigma(H_i)`` (before
+    the widening below).
+
+    A forecast from few points (early in a curve, before its power phase) is less reliable
+    than the same horizon seen from late points, and the backtests above mostly start late. So
+    each part is also measured from the row's own **origin**: the curves longer than the row,
+    cut to its number of points ``p``, forecast their last point (mean distance ``h``); the
+    mean and the spread of those errors, scaled by ``(H_i / h)^gamma``, are a second estimate
+    of the common and own parts, and each part is the larger of its two estimates (when at
+    least 2 curves are longer). Only ever wider: a scheduler comparing on these parts stops a
+    candidate early only when early forecasts have proven reliable on the zoo.
 
     Returns
     -------
@@ -419,7 +429,23 @@ def lensray_error_split(curves: Curves, target: int, selector: LensraySelector |
         own.append(float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
     if not common:
         return np.full(H.shape, np.nan), np.full(H.shape, np.nan)
-    return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
+    sd_common, sd_own = np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
+    for p in {xi.size for xi in x if xi.size >= sel.k_tangent}:
+        longer = [j for j in range(len(x)) if x[j].size > p]
+        if len(longer) < 2:
+            continue
+        pred, _ = sel._forecast([x[j][:p] for j in longer], [y[j][:p] for j in longer],
+                                np.array([x[j][-1] for j in longer]))
+        err = np.array([y[j][-1] for j in longer]) - pred
+        if not np.isfinite(err).any():
+            continue
+        h = float(np.mean([x[j][-1] - x[j][p - 1] for j in longer]))
+        c = float(np.nanmean(err))
+        rows = np.array([xi.size == p for xi in x])
+        g = (np.maximum(H[rows], 0.0) / h) ** sel.gamma
+        sd_common[rows] = np.fmax(sd_common[rows], abs(c) * g)
+        sd_own[rows] = np.fmax(sd_own[rows], float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
+    return sd_common, sd_own
 
 
 SELECTORS: dict[str, type[Selector]] = {

@@ -74,6 +74,8 @@ def test_every_field_is_documented():
         (_cfg(predictor={"method": "oracle"}), "predictor.method", "lensray"),
         (_cfg(predictor={"level": 1.5}), "predictor.level", "less than 1"),
         ({"zoo": [{"id": "a", "strategy": "zero3"}]}, "zoo[0].strategy", "ddp"),
+        ({"zoo": [{"id": "a", "workers": 2, "strategy": "fsdp"}], "probe": {"ntk": True}}, "zoo[0].strategy", "NTK"),
+        (_cfg(pruning={"scout": "sometimes"}), "pruning.scout", "bool"),
         ({"zoo": "gpt2"}, "zoo", "list"),
         (_cfg(ray="local"), "ray", "dictionary"),
         (_cfg(target_samples=3200), "grid.max_samples", "smaller than target_samples"),

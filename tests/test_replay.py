@@ -59,6 +59,9 @@ def test_replay_synthetic_zoo_end_to_end(ray_local, tmp_path):
             assert e["pruned_at"] in probes and "optimistic" in e["reason"] and len(probes) >= 4
         else:
             assert e["status"] == "finished" and probes == grid
+    # the scout stage: every candidate's probes up to the grace (D <= 800) start before any larger one
+    started = {(r["candidate"], r["n_samples"]): r["started_at"] for r in records}
+    assert max(t for (_, d), t in started.items() if d <= 800) <= min(t for (_, d), t in started.items() if d > 800)
     bill = sel["compute"]
     assert bill["flops_full_tuning"] == pytest.approx(sum(6 * s * 35 * TARGET for s in curves.size))
     assert bill["saved_fraction"] == pytest.approx(1 - bill["flops_spent"] / bill["flops_full_tuning"])

@@ -122,8 +122,53 @@ def test_error_split_adds_up_to_the_predictors_interval():
     pred = LensraySelector().predict(curves, 1_638_400)
     common, own = lensray_error_split(curves, 1_638_400)
     sigma = np.log(pred.hi / pred.loss) / stats.norm.ppf(0.5 + LEVEL / 2)
-    assert np.allclose(np.hypot(common, own), sigma)
+    full = np.arange(12) != 3
+    assert np.allclose(np.hypot(common, own)[full], sigma[full])  # no longer curve: the backtests alone
+    assert np.hypot(common, own)[3] >= sigma[3] * (1 - 1e-12)  # the origin estimate only widens
     assert own[3] > own[0] and common[3] > common[0]
+
+
+def _pooled_split(sel, curves, target):
+    """The backtest-pooled split alone (lensray_error_split before its origin widening)."""
+    import numpy as np
+
+    from lensray.selection import _row_points
+
+    pts = [_row_points(curves, i) for i in range(len(curves))]
+    x, y = [np.log2(D) for D, _ in pts], [np.log(L) for _, L in pts]
+    H = np.log2(target) - np.array([xi[-1] for xi in x])
+    common, own = [], []
+    for err, horizon in sel._backtests(x, y):
+        g = (H / horizon) ** sel.gamma
+        c = float(np.nanmean(err))
+        common.append(abs(c) * g)
+        own.append(float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
+    return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
+
+
+def test_error_split_widens_forecasts_from_few_points_that_proved_unreliable():
+    """Curves that cross after their early points: forecasts from 4 points are far less reliable
+    than the late backtests say, and the origin estimate widens a 4-point candidate's own part."""
+    import numpy as np
+
+    from lensray.curves import Curves
+    from lensray.selection import LensraySelector, lensray_error_split
+
+    rng = np.random.default_rng(1)
+    D = 200.0 * 2.0 ** np.arange(10)
+    x = np.log2(D / 200)
+    n = 12
+    late = rng.uniform(0.02, 0.12, n)  # each curve's late slope, unrelated to its early one
+    bend = 1 / (1 + np.exp(-(x - 3)))  # the power phase starts after about 3 doublings
+    L = np.exp(0.8 - 0.03 * x[None, :] - late[:, None] * (bend * (x - 3)).clip(0)[None, :]
+               + rng.normal(0, 0.003, (n, D.size)))
+    L[-1, 4:] = np.nan  # the newcomer: 4 points
+    curves = Curves([f"c{i}" for i in range(n)], D, L, np.full(n, np.nan), [None] * n)
+    target = int(D[-1]) * 8
+    common, own = lensray_error_split(curves, target)
+    pooled_common, pooled_own = _pooled_split(LensraySelector(), curves, target)
+    assert own[-1] > 1.2 * pooled_own[-1] and common[-1] > 1.5 * pooled_common[-1]
+    assert np.allclose(own[:-1], pooled_own[:-1]) and np.allclose(common[:-1], pooled_common[:-1])
 
 
 def test_bad_parameters_raise():

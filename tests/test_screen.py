@@ -177,11 +177,42 @@ def test_trial_order_puts_large_known_sizes_first():
     assert trial_order(["a", "b", "c", "d"], info) == ["c", "a", "d", "b"]
 
 
+def test_trial_order_after_scouting_puts_the_best_predicted_first():
+    from lensray.scheduler import Forecast
+    from lensray.screen import trial_order
+
+    info = {"a": {"size": 1e8}, "b": {"size": None}, "c": {"size": 7e9}, "d": {"size": 1e8}}
+    casts = {"a": Forecast("a", 800, 3, 1.2, math.nan, math.nan), "b": Forecast("b", 800, 3, 0.9, math.nan, math.nan),
+             "d": Forecast("d", 800, 3, math.nan, math.nan, math.nan)}
+    # no forecast or a NaN one: after the others, largest first
+    assert trial_order(["a", "b", "c", "d"], info, casts) == ["b", "a", "c", "d"]
+
+
+@pytest.mark.parametrize(
+    "pruning, max_samples, stages",
+    [
+        ({}, 6400, [800, 6400]),
+        ({"grace_points": 4}, 6400, [1600, 6400]),
+        ({"scout": False}, 6400, [6400]),
+        ({"enabled": False}, 6400, [6400]),
+        ({}, 800, [800]),  # nothing beyond the grace: one stage
+    ],
+)
+def test_scout_stages(pruning, max_samples, stages):
+    from lensray.screen import scout_stages
+
+    config = load_config({"zoo": [{"id": "a"}], "pruning": pruning, "target_samples": TARGET,
+                          "grid": {"start": 200, "max_samples": max_samples}})
+    assert scout_stages(config, config.grid_sizes()) == stages
+
+
 @pytest.mark.slow
-def test_two_train_workers_train_data_parallel(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_train_workers_train_data_parallel(tmp_path, strategy):
     """A candidate with workers: 2 runs its probes data-parallel (each optimiser step's samples
     split over the ranks, gradients averaged): the same optimiser steps, tokens and loss as one
-    process with the same batch (each rank trains on its share of every step, not of a shard)."""
+    process with the same batch (each rank trains on its share of every step, not of a shard);
+    with fsdp the parameters are sharded over the two ranks, with the same result."""
     from lensray.data import TaskConfig
     from lensray.probe import ProbeConfig, ProbeRunner
     from lensray.screen import screen
@@ -191,7 +222,7 @@ def test_two_train_workers_train_data_parallel(tmp_path):
     model = "tiny:gpt2:n_layer=2,n_embd=64,pretrain=10"
     config = load_config({"ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
                           "grid": {"start": 200, "max_samples": 800}, "pruning": {"enabled": False},
-                          "zoo": [{"id": "ddp", "model": model, "workers": 2, "cpus": 1}],
+                          "zoo": [{"id": "ddp", "model": model, "workers": 2, "cpus": 1, "strategy": strategy}],
                           "task": task, "probe": probe, "storage": {"path": str(tmp_path / "o")}})
     sel = screen(config, progress=False)
     assert sel["selected"] == "ddp" and sel["ranking"][0]["status"] == "finished"
@@ -228,6 +259,7 @@ def test_train_backend_prunes_and_a_stopped_trial_frees_its_workers(tmp_path):
     config = load_config({
         "ray": {"num_cpus": 1, "num_gpus": 0}, "target_samples": 51200,
         "grid": {"start": 200, "max_samples": 3200}, "predictor": {"method": "ats"},
+        "pruning": {"scout": False},  # strong runs to the end first, then weak1 is stopped at its grace
         "zoo": [{"id": "strong", "model": tiny.format("llama", 2, 64, 40)},
                 {"id": "weak1", "model": tiny.format("gpt2", 1, 16, 0)},
                 {"id": "weak2", "model": tiny.format("opt", 1, 16, 0)}],
