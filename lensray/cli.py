@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except LensrayInputError as exc:
-        from lensray.store import redact
+        from lensray.redact import redact
 
         msg = redact(one_line(exc))
         print(f"error: {msg}", file=sys.stderr)

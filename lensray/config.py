@@ -21,7 +21,7 @@ from lensray.data import SYNTHETIC, TaskConfig, load_task
 from lensray.errors import LensrayInputError
 from lensray.probe import ProbeConfig
 from lensray.selection import SELECTORS
-from lensray.store import redact
+from lensray.redact import redact
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,8 @@ from lensray.config import CandidateConfig, ScreenConfig
 from lensray.curves import Curves
 from lensray.errors import LensrayInputError, one_line
 from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop
-from lensray.store import ProbeStore, candidate_key, install_log_redaction
+from lensray.redact import install_log_redaction
+from lensray.store import ProbeStore, candidate_key
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ def _read_yaml(path: str) -> dict:
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``lensray screen``; returns the exit code."""
     from lensray.config import load_config
-    from lensray.store import install_log_redaction
+    from lensray.redact import install_log_redaction
 
     install_log_redaction()  # before anything logs: secret env values never reach a log line
     if args.replay:
@@ -125,6 +125,6 @@ def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
 
 def _say(text: str, file: Any) -> None:
     """Print one line with secret environment values redacted."""
-    from lensray.store import redact
+    from lensray.redact import redact
 
     print(redact(text), file=file)

@@ -10,7 +10,7 @@ A probe file is written to a hidden temporary name and then moved into place, so
 writing never leaves a partial file under the final name; files that are partial anyway (a
 truncated upload, a disk error) are skipped with a warning when read. Candidate keys are a slug
 plus a hash of the id, so no candidate id (``../../x``, ``/etc/passwd``) can place a file outside
-the root. Every text written passes through :func:`redact`, which removes the values of secret
+the root. Every text written passes through :func:`lensray.redact.redact`, which removes the values of secret
 environment variables (defence in depth: configs hold no secrets in the first place).
 """
 
@@ -35,6 +35,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from lensray.errors import LensrayInputError, one_line
+from lensray.redact import REDACTED, redact, secret_values
 
 log = logging.getLogger(__name__)
 
@@ -42,66 +43,6 @@ PROBES_DIR = "probes"
 TEMP_MARK = ".tmp-"
 READ_THREADS = 16
 MIN_FREE_BYTES = 64 * 2**20  # a local output location with less free space counts as full
-SECRET_ENV_NAMES = (
-    "HF_TOKEN",
-    "HUGGING_FACE_HUB_TOKEN",
-    "HUGGINGFACE_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "GOOGLE_APPLICATION_CREDENTIALS_JSON",
-    "AZURE_STORAGE_KEY",
-    "WANDB_API_KEY",
-    "RAY_AUTH_TOKEN",
-)
-SECRET_NAME = re.compile(
-    r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIALS?)(_|$)", re.IGNORECASE
-)
-_MIN_SECRET_LEN = 6
-REDACTED = "***"
-
-
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of environment variables that look like secrets, longest first."""
-    env = os.environ if environ is None else environ
-    values = {
-        value
-        for name, value in env.items()
-        if (name in SECRET_ENV_NAMES or SECRET_NAME.search(name)) and len(value) >= _MIN_SECRET_LEN
-    }
-    return sorted(values, key=len, reverse=True)
-
-
-def redact(text: str, environ: Mapping[str, str] | None = None) -> str:
-    """``text`` with every secret environment value replaced by ``***``."""
-    for value in secret_values(environ):
-        text = text.replace(value, REDACTED)
-    return text
-
-
-def install_log_redaction() -> None:
-    """Redact secret values from every log record created from now on, in this process (idempotent).
-
-    Wraps the logging record factory, so it covers every logger and handler (lensray's, Ray's,
-    transformers'), whatever the logging configuration. Call it early in drivers and workers.
-    """
-    factory = logging.getLogRecordFactory()
-    if getattr(factory, "_lensray_redacting", False):
-        return
-
-    def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
-        record = factory(*args, **kwargs)
-        if secret_values():
-            message = record.getMessage()
-            cleaned = redact(message)
-            if cleaned != message:
-                record.msg, record.args = cleaned, None
-        return record
-
-    redacting_factory._lensray_redacting = True  # type: ignore[attr-defined]
-    logging.setLogRecordFactory(redacting_factory)
-
-
 def candidate_key(candidate_id: str) -> str:
     """A file-name-safe key for a candidate: slug of the id plus 10 hex digits of its SHA-256.
 

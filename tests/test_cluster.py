@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from lensray.store import SECRET_NAME
+from lensray.redact import SECRET_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

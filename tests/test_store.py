@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lensray.errors import LensrayInputError
-from lensray.store import ProbeStore, candidate_key, install_log_redaction, redact
+from lensray.redact import install_log_redaction, redact
+from lensray.store import ProbeStore, candidate_key
 
 
 def _result(n: int, loss: float = 2.0, **extra) -> dict:
