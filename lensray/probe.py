@@ -140,12 +140,16 @@ class FaultInjector:
     """Test hook: raise OOM for micro-batches above a size, or make the loss NaN.
 
     ``nan_at_step`` poisons the loss at that optimiser step (1-based) of every attempt whose
-    learning rate exceeds ``nan_above_lr`` (all attempts when it is None).
+    learning rate exceeds ``nan_above_lr`` (all attempts when it is None). ``ranks`` limits
+    both faults to those ranks of the torch.distributed group (None: every rank; a single
+    process is rank 0). In ``LENSRAY_FAULTS`` several ranks are joined with ``+``
+    (``"oom_above=4,ranks=1+3"``).
     """
 
     oom_above: int | None = None
     nan_at_step: int | None = None
     nan_above_lr: float | None = None
+    ranks: tuple[int, ...] | None = None
 
     @classmethod
     def from_env(cls) -> "FaultInjector | None":
@@ -156,19 +160,28 @@ class FaultInjector:
         for item in spec.split(","):
             key, _, value = item.partition("=")
             key = key.strip()
-            if key not in ("oom_above", "nan_at_step", "nan_above_lr"):
+            if key not in ("oom_above", "nan_at_step", "nan_above_lr", "ranks"):
                 raise LensrayInputError(f"LENSRAY_FAULTS: unknown fault {key!r}")
-            kw[key] = float(value) if key == "nan_above_lr" else int(value)
+            try:
+                if key == "ranks":
+                    kw[key] = tuple(int(r) for r in value.split("+"))
+                else:
+                    kw[key] = float(value) if key == "nan_above_lr" else int(value)
+            except ValueError:
+                raise LensrayInputError(f"LENSRAY_FAULTS: bad value {value.strip()!r} for {key!r}") from None
         return cls(**kw)
 
-    def before_micro_step(self, micro_batch: int) -> None:
+    def _here(self, rank: int) -> bool:
+        return self.ranks is None or rank in self.ranks
+
+    def before_micro_step(self, micro_batch: int, rank: int = 0) -> None:
         import torch
 
-        if self.oom_above is not None and micro_batch > self.oom_above:
+        if self.oom_above is not None and micro_batch > self.oom_above and self._here(rank):
             raise torch.OutOfMemoryError(f"injected out of memory at micro_batch {micro_batch}")
 
-    def poison(self, step: int, learning_rate: float) -> bool:
-        return (self.nan_at_step is not None and step == self.nan_at_step
+    def poison(self, step: int, learning_rate: float, rank: int = 0) -> bool:
+        return (self.nan_at_step is not None and step == self.nan_at_step and self._here(rank)
                 and (self.nan_above_lr is None or learning_rate > self.nan_above_lr))
 
 
@@ -312,8 +325,11 @@ class ProbeRunner:
         if self.world > 1 and not self._fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
+            # broadcast_buffers=False: every rank loads the same buffers and training does not change
+            # them; broadcasting them would put a collective into every forward pass, including the
+            # no_sync ones that an out-of-memory error may cut short on one rank only
             self._ddp = DistributedDataParallel(self._model, device_ids=[self.device.index] if on_gpu else None,
-                                                find_unused_parameters=True)
+                                                find_unused_parameters=True, broadcast_buffers=False)
         self.optimizer_state_bytes = 0
         self.pad_id = tokenizer.pad_token_id
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -349,6 +365,13 @@ class ProbeRunner:
         import torch
 
         self._model.zero_grad(set_to_none=True)
+        if self._ddp is not None:
+            # a step given up after the synchronising forward pass leaves DDP's reducer expecting
+            # that pass's backward; without a reset the next no_sync backward would all-reduce
+            # (Reducer._reset_state: torch >= 2.2)
+            reset = getattr(self._ddp.reducer, "_reset_state", None)
+            if reset is not None:
+                reset()
         if self._fsdp:
             from lensray.parallel import reset_fsdp_iteration
 
@@ -371,8 +394,10 @@ class ProbeRunner:
         ``module`` is what runs the forward pass (the DDP wrapper while training on several
         workers); the model itself by default.
         """
-        import torch.nn.functional as F
+        return self._nll(*self._forward(batch, module))
 
+    def _forward(self, batch: dict[str, Any], module: Any = None) -> tuple[Any, Any]:
+        """(logits, labels) of one collated batch, aligned for the loss (the forward pass)."""
         module = module or self._model
         batch = {k: v.to(self.device) for k, v in batch.items()}
         labels = batch.pop("labels")
@@ -383,6 +408,13 @@ class ProbeRunner:
             else:
                 logits = module(**batch).logits[:, :-1]
                 labels = labels[:, 1:]
+        return logits, labels
+
+    @staticmethod
+    def _nll(logits: Any, labels: Any) -> tuple[Any, Any]:
+        """(sum of target-token NLL, number of target tokens): the loss, outside the model."""
+        import torch.nn.functional as F
+
         nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                               ignore_index=-100, reduction="sum")
         return nll, (labels != -100).sum()  # tensors: no host sync while training
@@ -397,19 +429,29 @@ class ProbeRunner:
         import torch
 
         self._model.eval()
-        total, count = 0.0, 0
+        total, count, oom = 0.0, 0, False
         size = self._eval_batch
         mine = encoded[self.rank :: self.world]
         passes = math.ceil(len(encoded[0 :: self.world]) / size) if self._fsdp else math.ceil(len(mine) / size)
         with torch.no_grad():
             for i in range(0, passes * size, size):
                 batch = mine[i : i + size]
-                nll, n = self._batch_nll(collate(batch or encoded[:1], self.pad_id, self.kind))
+                try:
+                    nll, n = self._batch_nll(collate(batch or encoded[:1], self.pad_id, self.kind))
+                except torch.OutOfMemoryError:
+                    # without FSDP the passes are local: stop here and tell the others in the
+                    # reduction below (under FSDP the forward's all-gathers make it a hang)
+                    if self.world == 1 or self._fsdp:
+                        raise
+                    oom = True
+                    break
                 if batch:
                     total += float(nll)
                     count += int(n)
         if self.world > 1:
-            total, count = _all_reduce_sum([total, count], self.device)
+            total, count, oom = _all_reduce_sum([total, count, float(oom)], self.device)
+            if oom:
+                raise torch.OutOfMemoryError(f"out of memory while evaluating on {oom:.0f} rank(s)")
         return total / max(count, 1)
 
     def test_loss(self) -> float:
@@ -467,25 +509,7 @@ class ProbeRunner:
                 most = math.ceil(len(chunk[0 :: self.world]) / micro_batch)
                 micros += [[]] * (most - len(micros))
             opt.zero_grad(set_to_none=True)
-            finite = torch.ones((), dtype=torch.bool, device=self.device)
-            for j, micro in enumerate(micros):
-                if self.faults:
-                    self.faults.before_micro_step(micro_batch)
-                last = j == len(micros) - 1
-                with contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync():
-                    nll, _ = self._batch_nll(collate(micro or mine[:1], self.pad_id, self.kind), module)
-                    # DDP and FSDP average gradients over workers: scale so that the sum is the step's mean
-                    loss = nll * (self.world / max(n_target, 1) if micro else 0.0)
-                    if self.faults and self.faults.poison(step + 1, lr):
-                        loss = loss * float("nan")
-                    finite &= torch.isfinite(loss.detach())
-                    loss.backward()
-                tokens += count_tokens(micro)
-            finite = bool(finite)  # one host sync per optimiser step
-            if self.world > 1:
-                finite = _all_reduce_sum([float(not finite)], self.device)[0] == 0
-            if not finite:
-                raise _Diverged(step + 1, float("nan"))
+            tokens += self._step(module, micros, mine, n_target, step + 1, lr, micro_batch)
             if p.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
             opt.step()
@@ -511,6 +535,104 @@ class ProbeRunner:
         if self.world > 1:
             tokens = int(_all_reduce_sum([tokens], self.device)[0])
         return done, tokens, time.perf_counter() - start
+
+    def _step(self, module: Any, micros: list[list[Encoded]], mine: list[Encoded], n_target: int, step: int,
+              lr: float, micro_batch: int) -> int:
+        """Forward and backward passes of optimiser step ``step`` (1-based); returns the tokens trained on.
+
+        Raises ``torch.OutOfMemoryError`` or ``_Diverged``; on several ranks every rank raises
+        the same, agreed in ``_agree`` before the next collective that an out-of-memory error
+        on one rank would skip (see the module docstring).
+        """
+        import torch
+
+        shared = self.world > 1
+        oom = False
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        batches: list[dict[str, Any]] = []
+        try:  # local on every strategy: injected faults, collation, copies to the device
+            for micro in micros:
+                if self.faults:
+                    self.faults.before_micro_step(micro_batch, self.rank)
+                batches.append({k: v.to(self.device) for k, v in collate(micro or mine[:1], self.pad_id,
+                                                                             self.kind).items()})
+        except torch.OutOfMemoryError:
+            if not shared:
+                raise
+            oom, batches = True, []
+        tokens = 0
+        if self._fsdp:
+            # every forward and backward pass all-gathers (and every backward reduce-scatters):
+            # agree before the first forward, and after each loss before its backward
+            self._agree(oom, finite, step)
+            for micro, batch in zip(micros, batches):
+                logits, labels = self._forward(batch, module)
+                try:
+                    loss = self._scaled_loss(logits, labels, micro, n_target, step, lr)
+                    finite &= torch.isfinite(loss.detach())
+                except torch.OutOfMemoryError:
+                    oom, loss = True, None
+                del logits, labels
+                self._agree(oom, finite, step)
+                loss.backward()
+                tokens += count_tokens(micro)
+            return tokens
+        pending = None  # DDP: the last micro-batch's loss, whose backward all-reduces the gradients
+        for j, (micro, batch) in enumerate(zip(micros, batches)):
+            last = j == len(micros) - 1
+            try:
+                with contextlib.nullcontext() if last or self._ddp is None else self._ddp.no_sync():
+                    loss = self._scaled_loss(*self._forward(batch, module), micro, n_target, step, lr)
+                    finite &= torch.isfinite(loss.detach())
+                    if last and shared:
+                        pending = loss
+                        break
+                    loss.backward()
+            except torch.OutOfMemoryError:
+                if not shared:
+                    raise
+                oom, loss = True, None
+                break
+            tokens += count_tokens(micro)
+        self._agree(oom, finite, step)  # one host sync per step; one tiny all-reduce on several ranks
+        if pending is not None:
+            pending.backward()  # an out-of-memory error in here cannot be agreed on in advance
+            tokens += count_tokens(micros[-1])
+        return tokens
+
+    def _scaled_loss(self, logits: Any, labels: Any, micro: list[Encoded], n_target: int, step: int,
+                     lr: float) -> Any:
+        """A micro-batch's training loss: its share of the step's mean target-token NLL."""
+        nll, _ = self._nll(logits, labels)
+        # DDP and FSDP average gradients over workers: scale so that the sum is the step's mean
+        loss = nll * (self.world / max(n_target, 1) if micro else 0.0)
+        if self.faults and self.faults.poison(step, lr, self.rank):
+            loss = loss * float("nan")
+        return loss
+
+    def _agree(self, oom: bool, finite: Any, step: int) -> None:
+        """Raise on every rank if any rank ran out of memory or saw a non-finite loss in ``step``.
+
+        ``oom``: this rank's local out-of-memory error; ``finite``: a device bool tensor, all of
+        this rank's losses so far finite. One all-reduce of two numbers on several ranks (none
+        on one) and one host sync.
+        """
+        import torch
+
+        if self.world == 1:
+            bad_oom, bad_loss = oom, not bool(finite)
+        else:
+            import torch.distributed as dist
+
+            flags = torch.zeros(2, dtype=torch.float32, device=self.device)
+            flags[0] = float(oom)
+            flags[1] = (~finite).float()
+            dist.all_reduce(flags)
+            bad_oom, bad_loss = flags.tolist()
+        if bad_oom:
+            raise torch.OutOfMemoryError(f"out of memory on {bad_oom:.0f} rank(s) in step {step}")
+        if bad_loss:
+            raise _Diverged(step, float("nan"))
 
     def _snapshot(self) -> dict[str, Any]:
         """A copy of the current weights on the device (with FSDP: this rank's shards)."""
