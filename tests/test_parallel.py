@@ -114,8 +114,8 @@ def fsdp(tmp_path_factory):
     return [json.loads((tmp / f"out.{rank}").read_text()) for rank in range(2)]
 
 
-def single(data, model=GPT2, **kw):
-    return ProbeRunner(model, TASK, ProbeConfig(**{**FAST, **kw}), task_data=data).load()
+def single(data, model=GPT2, faults=None, **kw):
+    return ProbeRunner(model, TASK, ProbeConfig(**{**FAST, **kw}), task_data=data, faults=faults).load()
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -192,3 +192,90 @@ def test_transformer_blocks_are_found():
 
     model = ProbeRunner(T5, TASK, ProbeConfig(**FAST)).load().model  # 1 encoder and 2 decoder blocks
     assert [type(b).__name__ for b in transformer_blocks(model)] == ["T5Block"] * 3
+
+
+# --------------------------------------------------------------------------- faults on one rank only
+
+# rank 1 alone runs out of memory above micro-batch 2 (the first attempt, at 4) or sees a NaN
+# loss at step 2 of the first attempt. The retry runs two micro-batches of 2 per rank and step,
+# so it starts with a no_sync pass: DDP's reducer, left by the other rank expecting the backward
+# of the abandoned step's synchronising pass, must have been reset or that pass all-reduces alone
+RANK_FAULTS = {
+    "oom": (dict(micro_batch=4, grad_accum=2), dict(oom_above=2)),
+    "nan": (dict(micro_batch=2, grad_accum=4), dict(nan_at_step=2, nan_above_lr=7e-4)),
+}
+
+
+def _rank_fault_worker(rank: int, world: int, init_file: str, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ["LENSRAY_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    res: dict = {}
+    try:
+        for strategy in ("ddp", "fsdp"):
+            for name, (kw, fault) in RANK_FAULTS.items():
+                r = ProbeRunner(GPT2, TASK, ProbeConfig(**{**FAST, **kw}), strategy=strategy,
+                                faults=FaultInjector(**fault, ranks=(1,)))
+                res[f"{strategy}_{name}"] = r.load().run(N).to_dict()
+        with open(f"{out}.{rank}", "w") as fh:
+            json.dump(res, fh)
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # see _fsdp_worker
+
+
+@pytest.fixture(scope="module")
+def rank_faults(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rank_faults")
+    cache = str(tmp_path_factory.getbasetemp() / "lensray-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LENSRAY_CACHE", cache)
+        ProbeRunner(GPT2, TASK, ProbeConfig(**FAST)).load()
+    # a fault that only one rank leaves the step for used to hang the other in a collective
+    _spawn(_rank_fault_worker, (2, str(tmp / "init"), cache, str(tmp / "out")), timeout=40.0)
+    return [json.loads((tmp / f"out.{rank}").read_text()) for rank in range(2)]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_out_of_memory_on_one_rank_is_retried_by_every_rank(rank_faults, data, strategy):
+    kw, fault = RANK_FAULTS["oom"]
+    one = single(data, faults=FaultInjector(**fault), **kw).run(N)  # one process, the same OOM
+    assert [(a["outcome"], a["micro_batch"], a["grad_accum"]) for a in one.attempt_log] == [("oom", 4, 2),
+                                                                                          ("ok", 2, 4)]
+    for rank in rank_faults:
+        got = rank[f"{strategy}_oom"]
+        assert got["status"] == "ok" and got["attempt_log"] == one.attempt_log
+        assert got["steps"] == one.steps and got["tokens"] == one.tokens
+        assert got["test_loss"] == pytest.approx(one.test_loss, rel=1e-5)
+    assert rank_faults[0][f"{strategy}_oom"]["test_loss"] == rank_faults[1][f"{strategy}_oom"]["test_loss"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nan_on_one_rank_is_retried_by_every_rank(rank_faults, data, strategy):
+    kw, fault = RANK_FAULTS["nan"]
+    one = single(data, faults=FaultInjector(**fault), **kw).run(N)
+    assert [a["outcome"] for a in one.attempt_log] == ["diverged", "ok"] and one.learning_rate == 5e-4
+    for rank in rank_faults:
+        got = rank[f"{strategy}_nan"]
+        assert got["status"] == "ok" and got["attempt_log"] == one.attempt_log
+        assert got["test_loss"] == pytest.approx(one.test_loss, rel=1e-5)
+
+
+def test_faults_on_some_ranks_only(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("LENSRAY_FAULTS", "oom_above=2,ranks=1+3")
+    faults = FaultInjector.from_env()
+    assert faults == FaultInjector(oom_above=2, ranks=(1, 3))
+    faults.before_micro_step(4, rank=0)  # not this rank
+    with pytest.raises(torch.OutOfMemoryError):
+        faults.before_micro_step(4, rank=3)
+    assert FaultInjector(nan_at_step=1, ranks=(1,)).poison(1, 1e-3, rank=1)
+    assert not FaultInjector(nan_at_step=1, ranks=(1,)).poison(1, 1e-3)  # one process is rank 0
+    monkeypatch.setenv("LENSRAY_FAULTS", "oom_above=2,ranks=one")
+    with pytest.raises(LensrayInputError, match=r"^LENSRAY_FAULTS: bad value 'one' for 'ranks'$"):
+        FaultInjector.from_env()
+    monkeypatch.setenv("LENSRAY_FAULTS", "oom_ranks=1")
+    with pytest.raises(LensrayInputError, match=r"^LENSRAY_FAULTS: unknown fault 'oom_ranks'$"):
+        FaultInjector.from_env()
