@@ -12,13 +12,40 @@ Faults are handled inside the probe and reported in its result, never raised:
   accumulation (the effective batch, hence the result, is unchanged), down to micro-batch 1;
   then status ``"failed"``.
 Faults can be injected for tests through ``FaultInjector`` (argument or env
-``LENSRAY_FAULTS="oom_above=2,nan_at_step=3,nan_above_lr=1e-3"``).
+``LENSRAY_FAULTS="oom_above=2,nan_at_step=3,nan_above_lr=1e-3"``, optionally on some ranks
+only: ``ranks=1`` or ``ranks=1+3``).
 
 Data parallel: when ``torch.distributed`` is initialised (several Ray Train workers), the
 model is wrapped in DistributedDataParallel and every optimiser step's
 ``micro_batch * grad_accum`` samples are split across the workers, so a probe's steps,
 tokens and loss do not depend on the number of workers; evaluation is sharded and reduced.
-Divergence is decided collectively; an out-of-memory error is assumed to hit every worker.
+
+Faults are agreed on by all workers, so that the retries run in lockstep: a worker that hits a
+non-finite loss or ``torch.OutOfMemoryError`` in a part of the step that runs no collective
+stops its own work there, and before the next collective every worker all-reduces two flags
+(some worker out of memory; some loss not finite) and, if either is set, raises the same
+error; every worker then drops the step's gradients, resets DDP's reducer or FSDP's iteration
+state, empties the CUDA cache and retries (half micro-batch, or half learning rate).
+- DDP: the forward and backward passes of all micro-batches but the last run under
+  ``no_sync`` (and buffers are not broadcast), so they are local, and so are the last
+  micro-batch's forward pass and loss; the flags are all-reduced just before its backward,
+  which all-reduces the gradients. That is one all-reduce of two numbers per optimiser step,
+  the one that carried the finite-loss flag before: no extra collective. An out-of-memory
+  error while evaluating rides on the evaluation's own sum reduction.
+- FSDP: every forward and backward pass all-gathers parameters, so the flags are all-reduced
+  before the step's first forward pass (covering the fault injection, collation and copies of
+  the inputs) and after each micro-batch's loss, before its backward pass: micro-batches per
+  rank + 1 all-reduces per step instead of 1, and one before each early-stopping evaluation.
+- The optimiser step is local under both strategies (and the gradient clipping under DDP):
+  an out-of-memory error there is carried to the next agreement (the next step's, else the
+  reduction of the token count at the end of training, which carries a flag for it).
+Remaining gap: an out-of-memory error inside a collective cannot be agreed on in advance:
+DDP's last backward pass of a step (its bucket all-reduces start as gradients become ready),
+and with FSDP any forward or backward pass through the model, in training and in evaluation
+(all-gathers, reduce-scatters), and the gradient clipping (an all-reduce of the norms). There the failing worker leaves the step while the others wait
+in the collective it skipped: the probe hangs until the process group's timeout aborts it,
+or later collectives mismatch and fail. Under FSDP that covers most real out-of-memory errors
+(activations, all-gather buffers), leaving the loss over the logits as the main one agreed on.
 
 Strategy ``"fsdp"`` (``ProbeRunner(..., strategy="fsdp")``, several workers only) shards the
 parameters instead of replicating them, with PyTorch FSDP2 (``fully_shard``): each transformer
@@ -276,6 +303,7 @@ class ProbeRunner:
         self._model: Any = None
         self._ntk_cache: dict[int, Any] = {}
         self._eval_batch = self.probe.eval_batch  # shrinks with the micro-batch after an out-of-memory error
+        self._oom_carried = False  # see _train
 
     # ------------------------------------------------------------------ setup
 
@@ -365,6 +393,7 @@ class ProbeRunner:
         import torch
 
         self._model.zero_grad(set_to_none=True)
+        self._oom_carried = False
         if self._ddp is not None:
             # a step given up after the synchronising forward pass leaves DDP's reducer expecting
             # that pass's backward; without a reset the next no_sync backward would all-reduce
@@ -429,12 +458,12 @@ class ProbeRunner:
         import torch
 
         self._model.eval()
-        total, count, oom = 0.0, 0, False
+        total, count, oom = 0.0, 0, self._oom_carried
         size = self._eval_batch
         mine = encoded[self.rank :: self.world]
         passes = math.ceil(len(encoded[0 :: self.world]) / size) if self._fsdp else math.ceil(len(mine) / size)
         with torch.no_grad():
-            for i in range(0, passes * size, size):
+            for i in range(0, 0 if oom else passes * size, size):
                 batch = mine[i : i + size]
                 try:
                     nll, n = self._batch_nll(collate(batch or encoded[:1], self.pad_id, self.kind))
@@ -497,6 +526,7 @@ class ProbeRunner:
         tokens = 0
         done = 0
         module = self._ddp or self._model
+        self._oom_carried = False  # this rank ran out of memory after the step's last agreement
         self._model.train()
         for step in range(steps):
             for group in opt.param_groups:
@@ -510,11 +540,20 @@ class ProbeRunner:
                 micros += [[]] * (most - len(micros))
             opt.zero_grad(set_to_none=True)
             tokens += self._step(module, micros, mine, n_target, step + 1, lr, micro_batch)
-            if p.max_grad_norm is not None:
+            if p.max_grad_norm is not None and self._fsdp:  # all-reduces the shards' norms
                 torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
-            opt.step()
+            try:  # local: an out-of-memory error here (AdamW's state, say) waits for the next agreement
+                if p.max_grad_norm is not None and not self._fsdp:
+                    torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
+                opt.step()
+            except torch.OutOfMemoryError:
+                if self.world == 1:
+                    raise
+                self._oom_carried = True
             done = step + 1
             if p.patience and self._val and (done % eval_every == 0 or done == steps):
+                if self._fsdp:  # the evaluation's forward passes all-gather
+                    self._agree(False, torch.ones((), dtype=torch.bool, device=self.device), done)
                 val = self.evaluate(self._val)
                 self._model.train()
                 if not math.isfinite(val):
@@ -533,7 +572,10 @@ class ProbeRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if self.world > 1:
-            tokens = int(_all_reduce_sum([tokens], self.device)[0])
+            tokens, oom = _all_reduce_sum([tokens, float(self._oom_carried)], self.device)
+            if oom:
+                raise torch.OutOfMemoryError(f"out of memory on {oom:.0f} rank(s) in the optimiser step")
+            tokens = int(tokens)
         return done, tokens, time.perf_counter() - start
 
     def _step(self, module: Any, micros: list[list[Encoded]], mine: list[Encoded], n_target: int, step: int,
@@ -547,11 +589,11 @@ class ProbeRunner:
         import torch
 
         shared = self.world > 1
-        oom = False
+        oom = self._oom_carried  # from the previous optimiser step: skip this one's work
         finite = torch.ones((), dtype=torch.bool, device=self.device)
         batches: list[dict[str, Any]] = []
         try:  # local on every strategy: injected faults, collation, copies to the device
-            for micro in micros:
+            for micro in [] if oom else micros:
                 if self.faults:
                     self.faults.before_micro_step(micro_batch, self.rank)
                 batches.append({k: v.to(self.device) for k, v in collate(micro or mine[:1], self.pad_id,
@@ -625,7 +667,7 @@ class ProbeRunner:
             import torch.distributed as dist
 
             flags = torch.zeros(2, dtype=torch.float32, device=self.device)
-            flags[0] = float(oom)
+            flags[0] = float(oom or self._oom_carried)
             flags[1] = (~finite).float()
             dist.all_reduce(flags)
             bad_oom, bad_loss = flags.tolist()

@@ -218,11 +218,32 @@ def _rank_fault_worker(rank: int, world: int, init_file: str, cache: str, out: s
                 r = ProbeRunner(GPT2, TASK, ProbeConfig(**{**FAST, **kw}), strategy=strategy,
                                 faults=FaultInjector(**fault, ranks=(1,)))
                 res[f"{strategy}_{name}"] = r.load().run(N).to_dict()
+            # rank 1 alone runs out of memory in the optimiser step of step 3 (AdamW's state, say)
+            res[f"{strategy}_optim"] = _run_with_optimiser_oom(rank, strategy)
         with open(f"{out}.{rank}", "w") as fh:
             json.dump(res, fh)
     finally:
         dist.destroy_process_group()
     os._exit(0)  # see _fsdp_worker
+
+
+def _run_with_optimiser_oom(rank: int, strategy: str) -> dict:
+    import torch
+
+    kw = RANK_FAULTS["oom"][0]
+    step, calls = torch.optim.AdamW.step, []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if rank == 1 and len(calls) == 3:
+            raise torch.OutOfMemoryError("injected out of memory in the optimiser step")
+        return step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = failing
+    try:
+        return ProbeRunner(GPT2, TASK, ProbeConfig(**{**FAST, **kw}), strategy=strategy).load().run(N).to_dict()
+    finally:
+        torch.optim.AdamW.step = step
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +270,16 @@ def test_out_of_memory_on_one_rank_is_retried_by_every_rank(rank_faults, data, s
         assert got["steps"] == one.steps and got["tokens"] == one.tokens
         assert got["test_loss"] == pytest.approx(one.test_loss, rel=1e-5)
     assert rank_faults[0][f"{strategy}_oom"]["test_loss"] == rank_faults[1][f"{strategy}_oom"]["test_loss"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_out_of_memory_in_one_ranks_optimiser_step_is_retried_by_every_rank(rank_faults, data, strategy):
+    kw, fault = RANK_FAULTS["oom"]
+    one = single(data, faults=FaultInjector(**fault), **kw).run(N)  # the same attempts: oom at 4, ok at 2
+    for rank in rank_faults:
+        got = rank[f"{strategy}_optim"]
+        assert got["status"] == "ok" and got["attempt_log"] == one.attempt_log
+        assert got["test_loss"] == pytest.approx(one.test_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
