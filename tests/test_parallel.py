@@ -220,6 +220,7 @@ def _rank_fault_worker(rank: int, world: int, init_file: str, cache: str, out: s
                 res[f"{strategy}_{name}"] = r.load().run(N).to_dict()
             # rank 1 alone runs out of memory in the optimiser step of step 3 (AdamW's state, say)
             res[f"{strategy}_optim"] = _run_with_optimiser_oom(rank, strategy)
+        res["ddp_eval"] = _run_with_evaluation_oom(rank)
         with open(f"{out}.{rank}", "w") as fh:
             json.dump(res, fh)
     finally:
@@ -246,6 +247,25 @@ def _run_with_optimiser_oom(rank: int, strategy: str) -> dict:
         torch.optim.AdamW.step = step
 
 
+def _run_with_evaluation_oom(rank: int) -> dict:
+    """DDP: rank 1 alone runs out of memory measuring the test loss at evaluation batch 64 (not 32)."""
+    import torch
+
+    kw = RANK_FAULTS["oom"][0]
+    batch_nll = ProbeRunner._batch_nll  # evaluation only; training calls _forward and _nll
+
+    def failing(self, *args, **kwargs):
+        if rank == 1 and self._eval_batch > 32:
+            raise torch.OutOfMemoryError("injected out of memory while evaluating")
+        return batch_nll(self, *args, **kwargs)
+
+    ProbeRunner._batch_nll = failing
+    try:
+        return ProbeRunner(GPT2, TASK, ProbeConfig(**{**FAST, **kw}), strategy="ddp").load().run(N).to_dict()
+    finally:
+        ProbeRunner._batch_nll = batch_nll
+
+
 @pytest.fixture(scope="module")
 def rank_faults(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rank_faults")
@@ -254,7 +274,7 @@ def rank_faults(tmp_path_factory):
         mp.setenv("LENSRAY_CACHE", cache)
         ProbeRunner(GPT2, TASK, ProbeConfig(**FAST)).load()
     # a fault that only one rank leaves the step for used to hang the other in a collective
-    _spawn(_rank_fault_worker, (2, str(tmp / "init"), cache, str(tmp / "out")), timeout=40.0)
+    _spawn(_rank_fault_worker, (2, str(tmp / "init"), cache, str(tmp / "out")), timeout=120.0)
     return [json.loads((tmp / f"out.{rank}").read_text()) for rank in range(2)]
 
 
@@ -278,6 +298,15 @@ def test_out_of_memory_in_one_ranks_optimiser_step_is_retried_by_every_rank(rank
     one = single(data, faults=FaultInjector(**fault), **kw).run(N)  # the same attempts: oom at 4, ok at 2
     for rank in rank_faults:
         got = rank[f"{strategy}_optim"]
+        assert got["status"] == "ok" and got["attempt_log"] == one.attempt_log
+        assert got["test_loss"] == pytest.approx(one.test_loss, rel=1e-5)
+
+
+def test_out_of_memory_in_one_ranks_evaluation_is_retried_by_every_rank_under_ddp(rank_faults, data):
+    kw, fault = RANK_FAULTS["oom"]
+    one = single(data, faults=FaultInjector(**fault), **kw).run(N)  # oom at micro-batch 4 (eval 64), ok at 2
+    for rank in rank_faults:
+        got = rank["ddp_eval"]
         assert got["status"] == "ok" and got["attempt_log"] == one.attempt_log
         assert got["test_loss"] == pytest.approx(one.test_loss, rel=1e-5)
 
