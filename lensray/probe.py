@@ -42,10 +42,11 @@ state, empties the CUDA cache and retries (half micro-batch, or half learning ra
 Remaining gap: an out-of-memory error inside a collective cannot be agreed on in advance:
 DDP's last backward pass of a step (its bucket all-reduces start as gradients become ready),
 and with FSDP any forward or backward pass through the model, in training and in evaluation
-(all-gathers, reduce-scatters), and the gradient clipping (an all-reduce of the norms). There the failing worker leaves the step while the others wait
-in the collective it skipped: the probe hangs until the process group's timeout aborts it,
-or later collectives mismatch and fail. Under FSDP that covers most real out-of-memory errors
-(activations, all-gather buffers), leaving the loss over the logits as the main one agreed on.
+(all-gathers, reduce-scatters), and the gradient clipping (an all-reduce of the norms). There
+the failing worker leaves the step while the others wait in the collective it skipped: the
+probe hangs until the process group's timeout aborts it, or later collectives mismatch and fail.
+Under FSDP that covers most real out-of-memory errors (activations, all-gather buffers),
+leaving the loss over the logits and the optimiser step as the main ones agreed on.
 
 Strategy ``"fsdp"`` (``ProbeRunner(..., strategy="fsdp")``, several workers only) shards the
 parameters instead of replicating them, with PyTorch FSDP2 (``fully_shard``): each transformer
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import resource
@@ -353,11 +355,13 @@ class ProbeRunner:
         if self.world > 1 and not self._fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
-            # broadcast_buffers=False: every rank loads the same buffers and training does not change
-            # them; broadcasting them would put a collective into every forward pass, including the
-            # no_sync ones that an out-of-memory error may cut short on one rank only
+            # no buffer sync in forward passes: every rank loads the same buffers and training does not
+            # change them; syncing them would put a collective into forward passes that an
+            # out-of-memory error may cut short on one rank only (newer torch: forward_sync_buffers)
+            sync = inspect.signature(DistributedDataParallel.__init__).parameters
+            no_sync_buffers = {"forward_sync_buffers" if "forward_sync_buffers" in sync else "broadcast_buffers": False}
             self._ddp = DistributedDataParallel(self._model, device_ids=[self.device.index] if on_gpu else None,
-                                                find_unused_parameters=True, broadcast_buffers=False)
+                                                find_unused_parameters=True, **no_sync_buffers)
         self.optimizer_state_bytes = 0
         self.pad_id = tokenizer.pad_token_id
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

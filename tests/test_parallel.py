@@ -1,4 +1,5 @@
-"""FSDP2 in the probe engine: two gloo ranks on CPU against one process.
+"""FSDP2 in the probe engine, and faults on one rank only under DDP and FSDP: two gloo ranks on
+CPU against one process.
 
 One pair of ranks runs every fsdp scenario (spawning costs seconds, the probes milliseconds);
 the parent process runs the same probes alone and compares. The task has an odd test and
