@@ -580,10 +580,12 @@ def screen(
         raise LensrayInputError(f"storage.path: {store.uri} already holds probe results; pass --resume or use another --out")
     store.write_text("config.yaml", config.to_yaml())
     grid = _grid(config, replay)
-    stages = scout_stages(config, grid)
-
     started = _init_ray(config)
     try:
+        import ray
+
+        waiting = sum(p.needs_trial for p in make_plan(config, store, grid))
+        stages = scout_stages(config, grid, waiting, max_concurrent(config, backend, ray.cluster_resources()))
         failed: set[str] = set()
         for upto in stages:
             plans = make_plan(config, store, [d for d in grid if d <= upto])
@@ -608,7 +610,8 @@ def _candidate_info(config: ScreenConfig, replay: Optional[Curves]) -> dict[str,
     return info
 
 
-def scout_stages(config: ScreenConfig, grid: list[int]) -> list[int]:
+def scout_stages(config: ScreenConfig, grid: list[int], candidates: Optional[int] = None,
+                 concurrent: Optional[int] = None) -> list[int]:
     """The largest probe size of each stage of the run: ``[scout size, last size]`` or ``[last size]``.
 
     With ``pruning.scout`` (and pruning on, and a grid longer than the grace) every candidate is
@@ -617,10 +620,14 @@ def scout_stages(config: ScreenConfig, grid: list[int]) -> list[int]:
     candidates continue, best predicted first, each judged by the scheduler against the whole
     zoo's early curves. Without scouting, a candidate
     that runs early has few rivals with forecasts and cannot be stopped, whatever it costs.
+    When all ``candidates`` that still need probes run at once (``concurrent`` trials or more),
+    no candidate waits for a slot, so there is no order to choose and no scout stage: it would
+    only start every worker group twice.
     """
     positive = [d for d in grid if d > 0]
     grace = config.pruning.grace_points
-    if config.pruning.enabled and config.pruning.scout and len(positive) > grace:
+    queued = candidates is None or concurrent is None or candidates > concurrent
+    if config.pruning.enabled and config.pruning.scout and len(positive) > grace and queued:
         return [positive[grace - 1], grid[-1]]
     return [grid[-1]]
 

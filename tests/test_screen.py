@@ -204,6 +204,9 @@ def test_scout_stages(pruning, max_samples, stages):
     config = load_config({"zoo": [{"id": "a"}], "pruning": pruning, "target_samples": TARGET,
                           "grid": {"start": 200, "max_samples": max_samples}})
     assert scout_stages(config, config.grid_sizes()) == stages
+    assert scout_stages(config, config.grid_sizes(), candidates=5, concurrent=2) == stages
+    # every candidate runs at once: no queue, no order to choose, no scout stage
+    assert scout_stages(config, config.grid_sizes(), candidates=4, concurrent=4) == stages[-1:]
 
 
 @pytest.mark.slow
