@@ -42,7 +42,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Mapping, Optional
 
 import numpy as np
@@ -217,8 +217,6 @@ def zoo_forecaster(method: str, level: float, grid: list[int], target: int, size
     """
     from scipy import stats
 
-    from lensray.selection import LensraySelector, lensray_error_split
-
     selector = _selector(method, level)
     split = (RELATIVE_PRUNING if relative is None else relative) and method == "lensray"
     z = float(stats.norm.ppf(0.5 + level / 2))
@@ -238,8 +236,8 @@ def zoo_forecaster(method: str, level: float, grid: list[int], target: int, size
         curves = Curves(ids, D, L, size, [families.get(c) for c in ids])
         pred = selector.predict(curves, target)
         common = own = np.full(len(ids), np.nan)
-        if split:
-            common, own = (z * v for v in lensray_error_split(curves, target, LensraySelector()))
+        if split:  # the lensray prediction carries it (lensray.selection.lensray_error_split)
+            common, own = (z * v for v in pred.error_split)
         return {
             cid: Forecast(cid, max(observed[cid]), sum(1 for d in observed[cid] if d > 0),
                           float(pred.loss[i]), float(pred.lo[i]), float(pred.hi[i]), float(common[i]), float(own[i]))
@@ -584,11 +582,14 @@ def screen(
     try:
         import ray
 
-        waiting = sum(p.needs_trial for p in make_plan(config, store, grid))
-        stages = scout_stages(config, grid, waiting, max_concurrent(config, backend, ray.cluster_resources()))
+        plans = make_plan(config, store, grid)
+        stages = scout_stages(config, grid, sum(p.needs_trial for p in plans),
+                              max_concurrent(config, backend, ray.cluster_resources()))
         failed: set[str] = set()
-        for upto in stages:
-            plans = make_plan(config, store, [d for d in grid if d <= upto])
+        for k, upto in enumerate(stages):
+            if k:  # the store has moved on
+                plans = make_plan(config, store, grid)
+            plans = [replace(p, todo=[d for d in p.todo if d <= upto]) for p in plans]
             _run_trials(config, store, plans, grid, backend, replay, progress, upto=upto, exclude=failed,
                         by_forecast=upto == grid[-1] and len(stages) > 1)
             failed |= {p.candidate.id for p in plans if (read_decision(store, p.candidate.id) or {}).get("status") == "failed"}

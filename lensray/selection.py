@@ -49,6 +49,9 @@ class Prediction:
         Fitted parameters per row, when the method has any.
     higher_is_better : bool
         Rank by descending score (``modelsize``); default ascending (a loss).
+    error_split : (array (n,), array (n,)) or None
+        ``lensray`` only: standard deviations of the zoo-common and own parts of the error of
+        log ``loss`` (:func:`lensray_error_split`).
     """
 
     ids: list[str]
@@ -60,6 +63,7 @@ class Prediction:
     errors: list[str | None]
     params: np.ndarray | None = None
     higher_is_better: bool = field(default=False)
+    error_split: tuple[np.ndarray, np.ndarray] | None = None
 
     def rank(self) -> np.ndarray:
         """Rank of each row, 1 = best; failed rows come last; ties keep the input order."""
@@ -287,7 +291,8 @@ class LensraySelector(Selector):
        ``sigma_b (H / b)^gamma`` (``gamma = 1.5``: between slope errors, linear in H, and
        curvature errors, quadratic), these are pooled by root mean square over ``b``, and the
        interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``; NaN when no curve has more than
-       ``k_tangent`` points (nothing to backtest).
+       ``k_tangent`` points (nothing to backtest). The prediction also carries the split of
+       this error into a zoo-common and an own part (:func:`lensray_error_split`).
 
     The rank is that of the point prediction (the predictive spread is the same for every
     candidate of a zoo, so the probability of being best orders them alike).
@@ -363,13 +368,44 @@ class LensraySelector(Selector):
                 continue
             yield err, float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
 
-    def _sigma(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray) -> np.ndarray:
-        """Zoo backtest error scaled to each horizon ``H`` (doublings); NaN when no backtest is possible."""
-        scaled = [float(np.sqrt(np.nanmean(err**2))) * (np.maximum(H, 0.0) / horizon) ** self.gamma
-                  for err, horizon in self._backtests(x, y)]
-        if not scaled:
-            return np.full(H.shape, np.nan)
-        return np.sqrt(np.mean(np.square(scaled), axis=0))
+    def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Zoo-common and own parts of the backtest error, scaled to each horizon ``H`` (doublings).
+
+        In backtest ``b`` the errors split into their zoo mean ``c_b`` and residuals ``u_i``; both
+        are scaled by ``(H / horizon_b)^gamma`` and pooled by root mean square over ``b``. Their
+        ``hypot`` is the interval's ``sigma(H)``, since ``mean(err^2) = c_b^2 + mean(u^2)``. NaN
+        when no backtest is possible.
+        """
+        common, own = [], []
+        for err, horizon in self._backtests(x, y):
+            g = (np.maximum(H, 0.0) / horizon) ** self.gamma
+            c = float(np.nanmean(err))
+            common.append(abs(c) * g)
+            own.append(float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
+        if not common:
+            return np.full(H.shape, np.nan), np.full(H.shape, np.nan)
+        return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
+
+    def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray, common: np.ndarray,
+                         own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The split widened by backtests from each row's own number of points (:func:`lensray_error_split`)."""
+        common, own = common.copy(), own.copy()
+        for p in {xi.size for xi in x if xi.size >= self.k_tangent}:
+            longer = [j for j in range(len(x)) if x[j].size > p]
+            if len(longer) < 2:
+                continue
+            pred, _ = self._forecast([x[j][:p] for j in longer], [y[j][:p] for j in longer],
+                                     np.array([x[j][-1] for j in longer]))
+            err = np.array([y[j][-1] for j in longer]) - pred
+            if not np.isfinite(err).any():
+                continue
+            h = float(np.mean([x[j][-1] - x[j][p - 1] for j in longer]))
+            c = float(np.nanmean(err))
+            rows = np.array([xi.size == p for xi in x])
+            g = (np.maximum(H[rows], 0.0) / h) ** self.gamma
+            common[rows] = np.fmax(common[rows], abs(c) * g)
+            own[rows] = np.fmax(own[rows], float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
+        return common, own
 
     def predict(self, curves: Curves, target: int) -> Prediction:
         xt = np.log2(_check_target(curves, target))
@@ -383,15 +419,17 @@ class LensraySelector(Selector):
             errors.append(f"needs at least {self.k_tangent} measured points with D > 0, has {D.size}" if short else None)
         logL, params = self._forecast(x, y, np.full(n, xt))
         H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
-        half = stats.norm.ppf(0.5 + LEVEL / 2) * self._sigma(x, y, H)
+        common, own = self._pooled_split(x, y, H)
+        half = stats.norm.ppf(0.5 + LEVEL / 2) * np.hypot(common, own)
         loss = np.exp(logL)
-        return _prediction(curves, loss, np.exp(logL - half), np.exp(logL + half), errors=errors, params=params)
+        return _prediction(curves, loss, np.exp(logL - half), np.exp(logL + half), errors=errors, params=params,
+                           error_split=self._widen_by_origin(x, y, H, common, own))
 
 
-def lensray_error_split(curves: Curves, target: int, selector: LensraySelector | None = None) -> tuple[np.ndarray, np.ndarray]:
+def lensray_error_split(curves: Curves, target: int, selector: LensraySelector | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """Split the ``lensray`` predictor's log-loss error at ``target`` into a zoo-common and an own part.
 
-    The same leave-future-out backtests as :meth:`LensraySelector._sigma` (the last ``b`` points
+    The same leave-future-out backtests as the predictor's interval (the last ``b`` points
     hidden, ``b = 1, 2, ...``): in backtest ``b`` the errors ``err_i`` of the kept curves are
     split into their zoo mean ``c_b`` (what moves every candidate together, e.g. the zoo-shared
     steepening) and the residuals ``u_i = err_i - c_b``. Both parts are scaled to each row's
@@ -415,37 +453,7 @@ def lensray_error_split(curves: Curves, target: int, selector: LensraySelector |
         Standard deviations of the two parts of log L-hat at ``target`` (NaN when no backtest
         is possible or the row has no points).
     """
-    sel = LensraySelector() if selector is None else selector
-    xt = np.log2(_check_target(curves, target))
-    points = [_row_points(curves, i) for i in range(len(curves))]
-    x = [np.log2(D) for D, _ in points]
-    y = [np.log(L) for _, L in points]
-    H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
-    common, own = [], []
-    for err, horizon in sel._backtests(x, y):
-        g = (np.maximum(H, 0.0) / horizon) ** sel.gamma
-        c = float(np.nanmean(err))
-        common.append(abs(c) * g)
-        own.append(float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
-    if not common:
-        return np.full(H.shape, np.nan), np.full(H.shape, np.nan)
-    sd_common, sd_own = np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
-    for p in {xi.size for xi in x if xi.size >= sel.k_tangent}:
-        longer = [j for j in range(len(x)) if x[j].size > p]
-        if len(longer) < 2:
-            continue
-        pred, _ = sel._forecast([x[j][:p] for j in longer], [y[j][:p] for j in longer],
-                                np.array([x[j][-1] for j in longer]))
-        err = np.array([y[j][-1] for j in longer]) - pred
-        if not np.isfinite(err).any():
-            continue
-        h = float(np.mean([x[j][-1] - x[j][p - 1] for j in longer]))
-        c = float(np.nanmean(err))
-        rows = np.array([xi.size == p for xi in x])
-        g = (np.maximum(H[rows], 0.0) / h) ** sel.gamma
-        sd_common[rows] = np.fmax(sd_common[rows], abs(c) * g)
-        sd_own[rows] = np.fmax(sd_own[rows], float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
-    return sd_common, sd_own
+    return (LensraySelector() if selector is None else selector).predict(curves, target).error_split
 
 
 SELECTORS: dict[str, type[Selector]] = {

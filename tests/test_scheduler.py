@@ -136,14 +136,7 @@ def _pooled_split(sel, curves, target):
 
     pts = [_row_points(curves, i) for i in range(len(curves))]
     x, y = [np.log2(D) for D, _ in pts], [np.log(L) for _, L in pts]
-    H = np.log2(target) - np.array([xi[-1] for xi in x])
-    common, own = [], []
-    for err, horizon in sel._backtests(x, y):
-        g = (H / horizon) ** sel.gamma
-        c = float(np.nanmean(err))
-        common.append(abs(c) * g)
-        own.append(float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
-    return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
+    return sel._pooled_split(x, y, np.log2(target) - np.array([xi[-1] for xi in x]))
 
 
 def test_error_split_widens_forecasts_from_few_points_that_proved_unreliable():
