@@ -5,7 +5,8 @@ any number of probes, each from a fresh copy of those weights. D = 0 measures th
 test loss. The test loss is the mean negative log-likelihood per target token over the
 task's fixed test split (prompt and padding tokens carry no loss).
 
-Faults are handled inside the probe and reported in its result, never raised:
+Faults are handled inside the probe and reported in its result, not raised (one exception, on
+several ranks: :class:`CollectiveOutOfMemory`, below):
 - NaN / infinite loss: retried once at half the learning rate; a second divergence gives
   status ``"diverged"`` with the step and learning rate in ``error`` (``test_loss`` is None).
 - ``torch.OutOfMemoryError``: retried with half the micro-batch and twice the gradient
@@ -39,14 +40,17 @@ state, empties the CUDA cache and retries (half micro-batch, or half learning ra
 - The optimiser step is local under both strategies (and the gradient clipping under DDP):
   an out-of-memory error there is carried to the next agreement (the next step's, else the
   reduction of the token count at the end of training, which carries a flag for it).
-Remaining gap: an out-of-memory error inside a collective cannot be agreed on in advance:
-DDP's last backward pass of a step (its bucket all-reduces start as gradients become ready),
-and with FSDP any forward or backward pass through the model, in training and in evaluation
-(all-gathers, reduce-scatters), and the gradient clipping (an all-reduce of the norms). There
-the failing worker leaves the step while the others wait in the collective it skipped: the
-probe hangs until the process group's timeout aborts it, or later collectives mismatch and fail.
-Under FSDP that covers most real out-of-memory errors (activations, all-gather buffers),
-leaving the loss over the logits and the optimiser step as the main ones agreed on.
+An out-of-memory error inside a collective cannot be agreed on in advance: DDP's last backward
+pass of a step (its bucket all-reduces start as gradients become ready), and with FSDP any
+forward or backward pass through the model, in training and in evaluation (all-gathers,
+reduce-scatters), and the gradient clipping (an all-reduce of the norms). Under FSDP that covers
+most real out-of-memory errors (activations, all-gather buffers). The failing rank has left a
+collective that the others wait in, so no retry in place can line the ranks up again: it raises
+:class:`CollectiveOutOfMemory` instead (with the smaller settings to restart with), and the
+caller ends the worker group: in a screening run the Ray Train worker loop records the smaller
+micro-batch in the store and raises, Ray Train tears the whole group down (the waiting ranks
+with it) and restarts it, and the restarted group resumes at the smaller micro-batch (see
+``lensray.screen``). Nothing waits for the process group's timeout.
 
 Strategy ``"fsdp"`` (``ProbeRunner(..., strategy="fsdp")``, several workers only) shards the
 parameters instead of replicating them, with PyTorch FSDP2 (``fully_shard``): each transformer
@@ -168,6 +172,11 @@ class ProbeResult:
 class FaultInjector:
     """Test hook: raise OOM for micro-batches above a size, or make the loss NaN.
 
+    ``oom_above`` raises where the ranks agree on faults (before a micro-step's forward pass);
+    ``collective_oom_above`` inside a collective (the synchronising backward pass under DDP, the
+    first forward pass of a step under FSDP; never in one process, which runs no collective): it
+    ends the probe with :class:`CollectiveOutOfMemory`.
+
     ``nan_at_step`` poisons the loss at that optimiser step (1-based) of every attempt whose
     learning rate exceeds ``nan_above_lr`` (all attempts when it is None). ``ranks`` limits
     both faults to those ranks of the torch.distributed group (None: every rank; a single
@@ -176,6 +185,7 @@ class FaultInjector:
     """
 
     oom_above: int | None = None
+    collective_oom_above: int | None = None
     nan_at_step: int | None = None
     nan_above_lr: float | None = None
     ranks: tuple[int, ...] | None = None
@@ -189,7 +199,7 @@ class FaultInjector:
         for item in spec.split(","):
             key, _, value = item.partition("=")
             key = key.strip()
-            if key not in ("oom_above", "nan_at_step", "nan_above_lr", "ranks"):
+            if key not in ("oom_above", "collective_oom_above", "nan_at_step", "nan_above_lr", "ranks"):
                 raise LensrayInputError(f"LENSRAY_FAULTS: unknown fault {key!r}")
             try:
                 if key == "ranks":
@@ -209,6 +219,12 @@ class FaultInjector:
         if self.oom_above is not None and micro_batch > self.oom_above and self._here(rank):
             raise torch.OutOfMemoryError(f"injected out of memory at micro_batch {micro_batch}")
 
+    def in_collective(self, micro_batch: int, rank: int = 0) -> None:
+        import torch
+
+        if self.collective_oom_above is not None and micro_batch > self.collective_oom_above and self._here(rank):
+            raise torch.OutOfMemoryError(f"injected out of memory inside a collective at micro_batch {micro_batch}")
+
     def poison(self, step: int, learning_rate: float, rank: int = 0) -> bool:
         return (self.nan_at_step is not None and step == self.nan_at_step and self._here(rank)
                 and (self.nan_above_lr is None or learning_rate > self.nan_above_lr))
@@ -218,6 +234,34 @@ class _Diverged(Exception):
     def __init__(self, step: int, value: float):
         super().__init__(f"loss became {value} at step {step}")
         self.step = step
+
+
+class _InCollective(Exception):
+    """Out of memory on this rank inside a collective (raised by ``ProbeRunner._collective``)."""
+
+
+class CollectiveOutOfMemory(RuntimeError):
+    """This rank ran out of memory inside a collective: the probe cannot be retried in place.
+
+    The other ranks wait in the collective this rank left (see the module docstring), so the
+    worker group must end; restart it with :meth:`smaller` settings. ``attempt_log`` holds the
+    probe's attempts so far, this one last (outcome ``"oom"``).
+    """
+
+    def __init__(self, n_samples: int, micro_batch: int, grad_accum: int, eval_batch: int,
+                 attempt_log: list[dict[str, Any]], detail: str):
+        super().__init__(f"out of memory inside a collective at D={n_samples}, micro_batch {micro_batch} "
+                         f"(grad_accum {grad_accum}): {detail}")
+        self.n_samples, self.micro_batch, self.grad_accum, self.eval_batch = n_samples, micro_batch, grad_accum, eval_batch
+        self.attempt_log = attempt_log
+
+    def smaller(self) -> dict[str, int] | None:
+        """Half the micro-batch and evaluation batch, twice the accumulation (the same effective
+        batch, as the in-place retry); None at micro-batch 1."""
+        if self.micro_batch <= 1:
+            return None
+        return {"micro_batch": self.micro_batch // 2, "grad_accum": self.grad_accum * 2,
+                "eval_batch": max(1, self.eval_batch // 2)}
 
 
 def _lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
@@ -413,6 +457,22 @@ class ProbeRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    @contextlib.contextmanager
+    def _collective(self, micro_batch: int | None = None) -> Any:
+        """Code that runs collectives on several ranks: an out-of-memory error in it raises
+        ``_InCollective`` (no retry in place: the other ranks wait in the collective). With
+        ``micro_batch`` the ``collective_oom_above`` fault is injected here."""
+        import torch
+
+        try:
+            if self.faults and micro_batch is not None:
+                self.faults.in_collective(micro_batch, self.rank)
+            yield
+        except torch.OutOfMemoryError as exc:
+            if self.world == 1:
+                raise
+            raise _InCollective(str(exc)) from exc
+
     def _autocast(self) -> Any:
         import torch
 
@@ -471,11 +531,13 @@ class ProbeRunner:
                 batch = mine[i : i + size]
                 try:
                     nll, n = self._batch_nll(collate(batch or encoded[:1], self.pad_id, self.kind))
-                except torch.OutOfMemoryError:
+                except torch.OutOfMemoryError as exc:
                     # without FSDP the passes are local: stop here and tell the others in the
-                    # reduction below (under FSDP the forward's all-gathers make it a hang)
-                    if self.world == 1 or self._fsdp:
+                    # reduction below (under FSDP the others wait in the forward's all-gathers)
+                    if self.world == 1:
                         raise
+                    if self._fsdp:
+                        raise _InCollective(str(exc)) from exc
                     oom = True
                     break
                 if batch:
@@ -545,7 +607,8 @@ class ProbeRunner:
             opt.zero_grad(set_to_none=True)
             tokens += self._step(module, micros, mine, n_target, step + 1, lr, micro_batch)
             if p.max_grad_norm is not None and self._fsdp:  # all-reduces the shards' norms
-                torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
+                with self._collective():
+                    torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
             try:  # local: an out-of-memory error here (AdamW's state, say) waits for the next agreement
                 if p.max_grad_norm is not None and not self._fsdp:
                     torch.nn.utils.clip_grad_norm_(self._model.parameters(), p.max_grad_norm)
@@ -588,7 +651,8 @@ class ProbeRunner:
 
         Raises ``torch.OutOfMemoryError`` or ``_Diverged``; on several ranks every rank raises
         the same, agreed in ``_agree`` before the next collective that an out-of-memory error
-        on one rank would skip (see the module docstring).
+        on one rank would skip (see the module docstring); ``_InCollective`` on a rank that
+        runs out of memory inside a collective.
         """
         import torch
 
@@ -611,8 +675,9 @@ class ProbeRunner:
             # every forward and backward pass all-gathers (and every backward reduce-scatters):
             # agree before the first forward, and after each loss before its backward
             self._agree(oom, finite, step)
-            for micro, batch in zip(micros, batches):
-                logits, labels = self._forward(batch, module)
+            for j, (micro, batch) in enumerate(zip(micros, batches)):
+                with self._collective(micro_batch if j == 0 else None):
+                    logits, labels = self._forward(batch, module)
                 try:
                     loss = self._scaled_loss(logits, labels, micro, n_target, step, lr)
                     finite &= torch.isfinite(loss.detach())
@@ -620,7 +685,8 @@ class ProbeRunner:
                     oom, loss = True, None
                 del logits, labels
                 self._agree(oom, finite, step)
-                loss.backward()
+                with self._collective():
+                    loss.backward()
                 tokens += count_tokens(micro)
             return tokens
         pending = None  # DDP: the last micro-batch's loss, whose backward all-reduces the gradients
@@ -642,7 +708,8 @@ class ProbeRunner:
             tokens += count_tokens(micro)
         self._agree(oom, finite, step)  # one host sync per step; one tiny all-reduce on several ranks
         if pending is not None:
-            pending.backward()  # an out-of-memory error in here cannot be agreed on in advance
+            with self._collective(micro_batch):  # its bucket all-reduces: no agreement possible in advance
+                pending.backward()
             tokens += count_tokens(micros[-1])
         return tokens
 
@@ -770,6 +837,9 @@ class ProbeRunner:
                 if halved_lr:
                     break
                 lr, halved_lr = lr / 2, True
+            except _InCollective as exc:
+                log.append({"learning_rate": lr, "micro_batch": mb, "grad_accum": ga, "outcome": "oom", "step": None})
+                raise CollectiveOutOfMemory(n_samples, mb, ga, self._eval_batch, log, str(exc)) from None
             except torch.OutOfMemoryError:
                 log.append({"learning_rate": lr, "micro_batch": mb, "grad_accum": ga, "outcome": "oom", "step": None})
                 status, loss = "failed", None

@@ -31,8 +31,12 @@ from its next size. Tune keeps its own state under ``<out>/tune`` but is never r
 Failures: a candidate that cannot be loaded, or whose probe diverges or fails after the probe
 engine's own retries, ends as ``failed`` with the reason; the others go on. Workers killed
 mid-probe are restarted by Ray Train (``FailureConfig(max_failures=...)``) and by Tune for the
-trainable; earlier probes are read from the store, not repeated. A ``failed`` decision is not
-final: ``--resume`` tries the candidate again.
+trainable; earlier probes are read from the store, not repeated. A worker that runs out of
+memory inside a collective (``lensray.probe.CollectiveOutOfMemory``: the other ranks wait in it)
+stores the smaller settings to use (``hints/``: half the micro-batch, twice the accumulation)
+and raises, so Ray Train tears the worker group down at once and restarts it at those settings
+(a restart counts towards ``max_failures``). A ``failed`` decision is not final: ``--resume``
+tries the candidate again.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ log = logging.getLogger(__name__)
 
 Backend = Literal["train", "replay"]
 DECISIONS_DIR = "decisions"
+HINTS_DIR = "hints"
 TRAIN_MAX_FAILURES = 2
 """Worker-group restarts Ray Train allows per candidate (a killed worker, a lost node)."""
 TRIAL_RESOURCES = {"memory": 1}
@@ -98,17 +103,60 @@ def decision_name(candidate_id: str) -> str:
 
 def read_decision(store: ProbeStore, candidate_id: str) -> Optional[dict]:
     """The stored pruned/failed decision of a candidate, if any."""
+    return _read_candidate_json(store, decision_name(candidate_id), candidate_id, "decision")
+
+
+def _read_candidate_json(store: ProbeStore, name: str, candidate_id: str, what: str) -> Optional[dict]:
     import json
 
-    text = store.read_text(decision_name(candidate_id))
+    text = store.read_text(name)
     if text is None:
         return None
     try:
         record = json.loads(text)
     except ValueError:
-        log.warning("ignoring unreadable decision of %s", candidate_id)
+        log.warning("ignoring unreadable %s of %s", what, candidate_id)
         return None
     return record if isinstance(record, dict) and record.get("candidate") == candidate_id else None
+
+
+def memory_hint_name(candidate_id: str) -> str:
+    """Store name of the smaller probe settings a candidate restarts with after running out of
+    memory inside a collective."""
+    return f"{HINTS_DIR}/{candidate_key(candidate_id)}.json"
+
+
+def memory_settings(store: ProbeStore, candidate_id: str, probe: Mapping[str, Any]) -> tuple[dict, Optional[dict]]:
+    """The probe settings to run ``candidate_id`` with, and its stored memory hint (if it applies).
+
+    A hint applies while the configured micro-batch is the one it was derived from (a resume
+    with another ``probe.micro_batch`` starts afresh). Its ``settings`` are None when even
+    micro-batch 1 ran out of memory.
+    """
+    hint = _read_candidate_json(store, memory_hint_name(candidate_id), candidate_id, "memory hint")
+    if hint is None or hint.get("configured_micro_batch") != probe.get("micro_batch"):
+        return dict(probe), None
+    return {**probe, **(hint.get("settings") or {})}, hint
+
+
+def record_collective_oom(store: ProbeStore, candidate_id: str, exc: Any, probe: Mapping[str, Any],
+                          previous: Optional[dict]) -> Optional[dict]:
+    """Persist the smaller settings to restart with after ``exc`` (a ``CollectiveOutOfMemory``).
+
+    The hint keeps the attempts of the probe at ``exc.n_samples`` across restarts, so its
+    record shows every attempt. At micro-batch 1 there is nothing smaller: the hint's
+    ``settings`` are None and the candidate is recorded as failed.
+    """
+    earlier = previous["attempt_log"] if previous and previous.get("n_samples") == exc.n_samples else []
+    smaller = exc.smaller()
+    reason = str(exc) if smaller else f"{exc}; nothing smaller to retry with (lower task.max_length or use strategy fsdp)"
+    hint = {"candidate": candidate_id, "configured_micro_batch": probe.get("micro_batch"), "settings": smaller,
+            "n_samples": exc.n_samples, "attempt_log": earlier + exc.attempt_log, "reason": reason,
+            "time": time.time()}
+    store.write_json(memory_hint_name(candidate_id), hint)
+    if smaller is None:
+        write_decision(store, candidate_id, "failed", exc.n_samples, reason)
+    return hint
 
 
 def write_decision(store: ProbeStore, candidate_id: str, status: str, n_samples: Optional[int], reason: str) -> None:
@@ -325,7 +373,7 @@ def _probe_loop(loop_config: dict) -> None:
 
     from lensray.data import TaskConfig
     from lensray.parallel import agreed
-    from lensray.probe import ProbeConfig, ProbeRunner
+    from lensray.probe import CollectiveOutOfMemory, ProbeConfig, ProbeRunner
 
     install_log_redaction()  # a worker process: its log lines are redacted too
     ctx: TrialContext = loop_config["ctx"]
@@ -335,9 +383,14 @@ def _probe_loop(loop_config: dict) -> None:
     cand = ctx.candidates[cid]
     # re-read the store: after a worker restart the probes finished before the crash are kept
     losses = {n: float(r["test_loss"]) for n, r in store.completed(cid).items() if r.get("status", "ok") == "ok"}
-    runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**(ctx.probe or {})),
+    configured = dict(ctx.probe or {})
+    settings, hint = memory_settings(store, cid, configured)  # smaller after an out-of-memory restart
+    runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**settings),
                          trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"],
                          strategy=cand["strategy"])
+    if hint is not None and hint.get("settings") is None:  # out of memory even at micro-batch 1
+        ray.train.report({"candidate": cid, "failed": True, "error": hint["reason"], TIME_ATTR: hint["n_samples"]})
+        return
     try:
         runner.load()
     except Exception as exc:  # noqa: BLE001 - any load failure makes the candidate failed, not the run
@@ -351,8 +404,17 @@ def _probe_loop(loop_config: dict) -> None:
             continue
         if agreed(rank, rank == 0 and (read_decision(store, cid) or {}).get("status") == "pruned"):
             return  # pruned while the last report travelled to Tune: run no further probe
-        result = runner.run(d)
+        try:
+            result = runner.run(d)
+        except CollectiveOutOfMemory as exc:
+            # the other ranks wait in the collective this one left: end the worker group now
+            # (Ray Train restarts it, at the smaller settings stored here)
+            record_collective_oom(store, cid, exc, configured, hint)
+            raise
         record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time()}
+        if hint is not None and hint.get("n_samples") == d:  # the attempts before the restart
+            record["attempt_log"] = hint["attempt_log"] + record["attempt_log"]
+            record["attempts"] = len(record["attempt_log"])
         if result.status != "ok":
             reason = f"probe at D={d} {result.status}: {result.error}"
             if rank == 0:

@@ -323,12 +323,71 @@ def test_nan_on_one_rank_is_retried_by_every_rank(rank_faults, data, strategy):
         assert got["test_loss"] == pytest.approx(one.test_loss, rel=1e-5)
 
 
+# --------------------------------------------------------------------------- out of memory inside a collective
+
+def _collective_oom_worker(rank: int, world: int, init_file: str, cache: str, out: str, strategy: str) -> None:
+    """Rank 1 alone runs out of memory inside a collective (DDP's synchronising backward pass,
+    FSDP's first forward pass of a step) at micro-batch 4. It must raise CollectiveOutOfMemory at
+    once; its process then ends, as Ray Train ends a worker group whose worker raised. Rank 0,
+    left waiting in the collective, must then fail within seconds, not at the group's timeout."""
+    import time
+
+    import torch.distributed as dist
+
+    from lensray.probe import CollectiveOutOfMemory
+
+    os.environ["LENSRAY_CACHE"] = cache
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    runner = ProbeRunner(GPT2, TASK, ProbeConfig(**{**FAST, **RANK_FAULTS["oom"][0]}), strategy=strategy,
+                         faults=FaultInjector(collective_oom_above=2, ranks=(1,))).load()
+    start = time.monotonic()
+    try:
+        runner.run(N)
+        res = {"raised": None}
+    except CollectiveOutOfMemory as exc:
+        res = {"raised": "CollectiveOutOfMemory", "smaller": exc.smaller(), "attempt_log": exc.attempt_log,
+               "n_samples": exc.n_samples}
+    except RuntimeError as exc:
+        res = {"raised": "RuntimeError", "message": str(exc)[:200]}
+    res["seconds"] = time.monotonic() - start
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(res, fh)
+    os._exit(0)  # no destroy_process_group: the ending process closes its connections
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def collective_oom(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(f"collective_oom_{request.param}")
+    cache = str(tmp_path_factory.getbasetemp() / "lensray-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LENSRAY_CACHE", cache)
+        ProbeRunner(GPT2, TASK, ProbeConfig(**FAST)).load()
+    # the process group's timeout is 30 minutes: a rank left waiting must not get anywhere near it
+    _spawn(_collective_oom_worker, (2, str(tmp / "init"), cache, str(tmp / "out"), request.param), timeout=120.0)
+    return [json.loads((tmp / f"out.{rank}").read_text()) for rank in range(2)]
+
+
+def test_out_of_memory_inside_a_collective_ends_the_group_at_once(collective_oom):
+    waiting, failing = collective_oom
+    assert failing["raised"] == "CollectiveOutOfMemory" and failing["n_samples"] == N
+    # the settings to restart with: those of the in-place retry (same effective batch)
+    assert failing["smaller"] == {"micro_batch": 2, "grad_accum": 4, "eval_batch": 32}
+    assert [(a["outcome"], a["micro_batch"], a["grad_accum"]) for a in failing["attempt_log"]] == [("oom", 4, 2)]
+    assert waiting["raised"] == "RuntimeError", waiting  # the collective it waited in failed (connection closed)
+    assert waiting["seconds"] < 60
+
+
 def test_faults_on_some_ranks_only(monkeypatch):
     import torch
 
     monkeypatch.setenv("LENSRAY_FAULTS", "oom_above=2,ranks=1+3")
     faults = FaultInjector.from_env()
     assert faults == FaultInjector(oom_above=2, ranks=(1, 3))
+    monkeypatch.setenv("LENSRAY_FAULTS", "collective_oom_above=2,ranks=1")
+    assert FaultInjector.from_env() == FaultInjector(collective_oom_above=2, ranks=(1,))
+    with pytest.raises(torch.OutOfMemoryError, match="inside a collective"):
+        FaultInjector.from_env().in_collective(4, rank=1)
+    monkeypatch.setenv("LENSRAY_FAULTS", "oom_above=2,ranks=1+3")
     faults.before_micro_step(4, rank=0)  # not this rank
     with pytest.raises(torch.OutOfMemoryError):
         faults.before_micro_step(4, rank=3)

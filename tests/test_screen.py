@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -237,6 +238,68 @@ def test_two_train_workers_train_data_parallel(tmp_path, strategy):
         assert records[d]["tokens"] == one.tokens
         assert records[d]["flops"] == pytest.approx(one.flops)
         assert records[d]["test_loss"] == pytest.approx(one.test_loss, rel=1e-4)
+
+
+def test_memory_hints_after_out_of_memory_inside_a_collective(tmp_path):
+    from lensray.probe import CollectiveOutOfMemory
+    from lensray.screen import memory_settings, read_decision, record_collective_oom
+
+    store = ProbeStore(str(tmp_path / "o"))
+    probe = {"micro_batch": 8, "grad_accum": 1, "eval_batch": 64, "learning_rate": 1e-3}
+    assert memory_settings(store, "m", probe) == (probe, None)
+    first = CollectiveOutOfMemory(800, 8, 1, 64, [{"outcome": "oom", "micro_batch": 8}], "injected")
+    hint = record_collective_oom(store, "m", first, probe, None)
+    settings, read = memory_settings(store, "m", probe)
+    assert settings == {**probe, "micro_batch": 4, "grad_accum": 2, "eval_batch": 32} and read == hint
+    assert memory_settings(store, "other", probe) == (probe, None)
+    assert memory_settings(store, "m", {**probe, "micro_batch": 2}) == ({**probe, "micro_batch": 2}, None)
+    # restarted at 4, out of memory again in the same probe, ... down to micro-batch 1: failed
+    last = CollectiveOutOfMemory(800, 1, 8, 8, [{"outcome": "oom", "micro_batch": 1}], "injected")
+    final = record_collective_oom(store, "m", last, probe, hint)
+    assert [a["micro_batch"] for a in final["attempt_log"]] == [8, 1] and final["settings"] is None
+    assert memory_settings(store, "m", probe) == (probe, final)
+    decision = read_decision(store, "m")
+    assert decision["status"] == "failed" and decision["n_samples"] == 800
+    assert "nothing smaller to retry with" in decision["reason"]
+
+
+@pytest.mark.slow
+def test_out_of_memory_inside_a_collective_restarts_the_worker_group_smaller(tmp_path, monkeypatch):
+    """Rank 1 runs out of memory inside DDP's synchronising backward pass at micro-batch 8: it
+    stores the smaller settings and raises, Ray Train tears the group down and restarts it, and
+    the probe runs at micro-batch 4 with the same result as one process retrying in place; the
+    record keeps both attempts."""
+    from lensray.data import TaskConfig
+    from lensray.probe import FaultInjector, ProbeConfig, ProbeRunner
+    from lensray.screen import memory_hint_name, screen
+
+    task = {"source": "synthetic", "max_length": 64, "test_size": 64, "validation_size": 16}
+    probe = {"learning_rate": 1.0e-3, "epochs": 1, "micro_batch": 8, "device": "cpu", "eval_batch": 64}
+    model = "tiny:gpt2:n_layer=2,n_embd=64,pretrain=10"
+    monkeypatch.setenv("LENSRAY_FAULTS", "collective_oom_above=4,ranks=1")  # inherited by the local Ray's workers
+    config = load_config({"ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
+                          "grid": {"start": 100, "max_samples": 400}, "pruning": {"enabled": False},
+                          "zoo": [{"id": "ddp", "model": model, "workers": 2, "cpus": 1}],
+                          "task": task, "probe": probe, "storage": {"path": str(tmp_path / "o")}})
+    start = time.monotonic()
+    sel = screen(config, progress=False)
+    assert time.monotonic() - start < 600  # not the process group's 30-minute timeout
+    assert sel["selected"] == "ddp" and sel["ranking"][0]["status"] == "finished"
+    store = ProbeStore(str(tmp_path / "o"))
+    records = {r["n_samples"]: r for r in store.get_all()}
+    assert [(a["outcome"], a["micro_batch"], a["grad_accum"]) for a in records[100]["attempt_log"]] == [
+        ("oom", 8, 1), ("ok", 4, 2)]
+    assert records[100]["attempts"] == 2
+    for d in (200, 400):  # the later probes keep the smaller settings
+        assert [(a["outcome"], a["micro_batch"]) for a in records[d]["attempt_log"]] == [("ok", 4)]
+    hint = json.loads(store.read_text(memory_hint_name("ddp")))
+    assert hint["settings"] == {"micro_batch": 4, "grad_accum": 2, "eval_batch": 32}
+    monkeypatch.delenv("LENSRAY_FAULTS")
+    one = ProbeRunner(model, TaskConfig(**task), ProbeConfig(**probe), faults=FaultInjector(oom_above=4))
+    for d in (100, 400):
+        ref = one.run(d)
+        assert records[d]["steps"] == ref.steps and records[d]["tokens"] == ref.tokens
+        assert records[d]["test_loss"] == pytest.approx(ref.test_loss, rel=1e-4)
 
 
 def test_predictor_level_scales_the_intervals_in_log_space():
