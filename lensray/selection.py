@@ -275,8 +275,19 @@ class LensraySelector(Selector):
        ``rho_i = y''/y'`` at its last point from a quadratic fit over its last
        ``curvature_window`` points; the zoo rate ``rho`` is their median (one number per zoo:
        sharing strength across candidates; one curve's curvature is too noisy to extrapolate).
+       **Shared out by the transition** (the zero-shot point D = 0): the rectified law without its
+       floor, ``L = B / (D_l + D^beta)``, places a curve at transition progress ``u = 1 - L/L(0)``
+       (the share of its zero-shot loss already gone), where its log-log slope is ``-beta u ln 2``
+       and its steepening rate ``d log|s| / d log2 D = |s| (1 - u) / u =: t_i``: a curve that has
+       shed most of its zero-shot loss has little steepening left. The zoo still sets how much
+       curves steepen; the law only shares it out, ``rho_i = rho clip(t_i / median t, 1/c, c)^w``
+       (``|s|`` the least-squares slope over the curvature window; ``w = transition_weight``,
+       halfway in log between the zoo-common rate, 0, and the law's own, 1, whose noise fails the
+       noisier synthetic zoos; ``c = transition_clip``). A curve without a zero-shot loss, or not
+       below it, keeps ``rho``, and so does every curve when fewer than 3 can be placed (a table
+       without the D = 0 column gets the zoo rate throughout).
     3. **Damped trend** (as in Holt's damped-trend forecasting): after ``h`` more doublings the
-       slope is ``s_i exp(rho (phi + phi^2 + ... + phi^h))``, so the steepening fades with
+       slope is ``s_i exp(rho_i (phi + phi^2 + ... + phi^h))``, so the steepening fades with
        damping ``phi``; log L at the target is ``e_i`` plus the sum of these slopes over the
        ``H_i = log2(target) - x_i`` doublings (the last, fractional one pro rata).
     4. **Saturation at the zoo's steepest slope**: the power phase has a limiting slope (the
@@ -312,13 +323,20 @@ class LensraySelector(Selector):
         phi: float = 0.75,
         gamma: float = 1.5,
         cap_quantile: float = 0.05,
+        transition_weight: float = 0.5,
+        transition_clip: float = 4.0,
     ) -> None:
         self.k_tangent, self.curvature_window, self.phi, self.gamma = k_tangent, curvature_window, phi, gamma
         self.cap_quantile = cap_quantile
+        self.transition_weight, self.transition_clip = transition_weight, transition_clip
 
     # -- point forecast
-    def _forecast(self, x: list[np.ndarray], y: list[np.ndarray], xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """log L at ``xt[i]`` (log2 size) for each curve, and (slope, level, rho_i) per curve."""
+    def _forecast(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
+                  xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """log L at ``xt[i]`` (log2 size) for each curve, and (slope, level, own rho) per curve.
+
+        ``y0``: each curve's zero-shot log-loss (NaN when unknown).
+        """
         n = len(x)
         s, e, rho = _nan(n), _nan(n), _nan(n)
         for i in range(n):
@@ -333,12 +351,29 @@ class LensraySelector(Selector):
                 if q1 < -1e-3:
                     rho[i] = 2 * q2 / q1
         zoo_rho = float(np.nanmedian(rho)) if np.isfinite(rho).any() else 0.0
+        rates = self._transition_rates(x, y, y0, zoo_rho)
         fitted = np.isfinite(s)
         s_cap = float(np.quantile(s[fitted], self.cap_quantile)) if fitted.any() else 0.0
         out = _nan(n)
         for i in np.flatnonzero(fitted):
-            out[i] = e[i] + self._slope_sum(s[i], zoo_rho, min(s_cap, s[i]), xt[i] - x[i][-1])
+            out[i] = e[i] + self._slope_sum(s[i], rates[i], min(s_cap, s[i]), xt[i] - x[i][-1])
         return out, np.column_stack([s, e, rho])
+
+    def _transition_rates(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, zoo_rho: float) -> np.ndarray:
+        """Each curve's steepening rate: the zoo's ``zoo_rho`` shared out by the transition (step 2)."""
+        n = len(x)
+        t = _nan(n)
+        for i in range(n):
+            gone = y0[i] - y[i][-1] if x[i].size >= self.k_tangent else np.nan  # log L(0) - log L
+            if np.isfinite(gone) and gone > 0:
+                slope = np.polyfit(x[i][-self.curvature_window :], y[i][-self.curvature_window :], 1)[0]
+                t[i] = -min(slope, 0.0) / np.expm1(gone)  # |s| (1 - u) / u with u = 1 - exp(-gone)
+        placed = np.isfinite(t) & (t > 0)
+        if placed.sum() < 3:
+            return np.full(n, zoo_rho)
+        c = self.transition_clip
+        ratio = np.where(placed, np.clip(t / np.median(t[placed]), 1 / c, c), 1.0)
+        return zoo_rho * ratio**self.transition_weight
 
     def _slope_sum(self, s: float, rho: float, s_cap: float, H: float) -> float:
         """Sum over the H doublings ahead of the slopes max(s exp(rho (phi + ... + phi^h)), s_cap)."""
@@ -350,7 +385,7 @@ class LensraySelector(Selector):
         return float(np.sum(slope * weight))
 
     # -- interval scale from leave-future-out backtests
-    def _backtests(self, x: list[np.ndarray], y: list[np.ndarray]):
+    def _backtests(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray):
         """Yield ``(err, horizon)`` per backtest ``b = 1, 2, ...``: the last ``b`` points hidden.
 
         ``err`` are the log-loss errors of the kept curves at their last point, ``horizon`` the
@@ -362,13 +397,14 @@ class LensraySelector(Selector):
             if len(keep) < 2:
                 break
             xs = [x[i][:-b] for i in keep]
-            pred, _ = self._forecast(xs, [y[i][:-b] for i in keep], np.array([x[i][-1] for i in keep]))
+            pred, _ = self._forecast(xs, [y[i][:-b] for i in keep], y0[keep], np.array([x[i][-1] for i in keep]))
             err = np.array([y[i][-1] for i in keep]) - pred
             if not np.isfinite(err).any():
                 continue
             yield err, float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
 
-    def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
+                      H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Zoo-common and own parts of the backtest error, scaled to each horizon ``H`` (doublings).
 
         In backtest ``b`` the errors split into their zoo mean ``c_b`` and residuals ``u_i``; both
@@ -377,7 +413,7 @@ class LensraySelector(Selector):
         when no backtest is possible.
         """
         common, own = [], []
-        for err, horizon in self._backtests(x, y):
+        for err, horizon in self._backtests(x, y, y0):
             g = (np.maximum(H, 0.0) / horizon) ** self.gamma
             c = float(np.nanmean(err))
             common.append(abs(c) * g)
@@ -386,15 +422,15 @@ class LensraySelector(Selector):
             return np.full(H.shape, np.nan), np.full(H.shape, np.nan)
         return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
 
-    def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], H: np.ndarray, common: np.ndarray,
-                         own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, H: np.ndarray,
+                         common: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The split widened by backtests from each row's own number of points (:func:`lensray_error_split`)."""
         common, own = common.copy(), own.copy()
         for p in {xi.size for xi in x if xi.size >= self.k_tangent}:
             longer = [j for j in range(len(x)) if x[j].size > p]
             if len(longer) < 2:
                 continue
-            pred, _ = self._forecast([x[j][:p] for j in longer], [y[j][:p] for j in longer],
+            pred, _ = self._forecast([x[j][:p] for j in longer], [y[j][:p] for j in longer], y0[longer],
                                      np.array([x[j][-1] for j in longer]))
             err = np.array([y[j][-1] for j in longer]) - pred
             if not np.isfinite(err).any():
@@ -417,13 +453,16 @@ class LensraySelector(Selector):
             y.append(np.log(L))
             short = D.size < self.k_tangent
             errors.append(f"needs at least {self.k_tangent} measured points with D > 0, has {D.size}" if short else None)
-        logL, params = self._forecast(x, y, np.full(n, xt))
+        zero = np.flatnonzero(curves.D == 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y0 = np.log(curves.L[:, zero[0]]) if zero.size else _nan(n)  # NaN where no positive zero-shot loss
+        logL, params = self._forecast(x, y, y0, np.full(n, xt))
         H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
-        common, own = self._pooled_split(x, y, H)
+        common, own = self._pooled_split(x, y, y0, H)
         half = stats.norm.ppf(0.5 + LEVEL / 2) * np.hypot(common, own)
         loss = np.exp(logL)
         return _prediction(curves, loss, np.exp(logL - half), np.exp(logL + half), errors=errors, params=params,
-                           error_split=self._widen_by_origin(x, y, H, common, own))
+                           error_split=self._widen_by_origin(x, y, y0, H, common, own))
 
 
 def lensray_error_split(curves: Curves, target: int, selector: LensraySelector | None = None) -> tuple[np.ndarray, np.ndarray] | None:

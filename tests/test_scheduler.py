@@ -136,7 +136,9 @@ def _pooled_split(sel, curves, target):
 
     pts = [_row_points(curves, i) for i in range(len(curves))]
     x, y = [np.log2(D) for D, _ in pts], [np.log(L) for _, L in pts]
-    return sel._pooled_split(x, y, np.log2(target) - np.array([xi[-1] for xi in x]))
+    zero = np.flatnonzero(curves.D == 0)
+    y0 = np.log(curves.L[:, zero[0]]) if zero.size else np.full(len(curves), np.nan)
+    return sel._pooled_split(x, y, y0, np.log2(target) - np.array([xi[-1] for xi in x]))
 
 
 def test_error_split_widens_forecasts_from_few_points_that_proved_unreliable():
