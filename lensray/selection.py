@@ -141,6 +141,32 @@ def _row_points(curves: Curves, i: int) -> tuple[np.ndarray, np.ndarray]:
     return curves.D[keep], curves.L[i, keep]
 
 
+def _last_points(x: list[np.ndarray], y: list[np.ndarray], w: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The last ``w`` points of each curve, right-aligned in ``(n, w)`` arrays: x relative to the
+    curve's last point, y, and a mask of the slots that hold a point."""
+    n = len(x)
+    X, Y, M = np.zeros((n, w)), np.zeros((n, w)), np.zeros((n, w), dtype=bool)
+    for i in range(n):
+        m = min(w, x[i].size)
+        if m:
+            X[i, w - m :], Y[i, w - m :], M[i, w - m :] = x[i][-m:] - x[i][-1], y[i][-m:], True
+    return X, Y, M
+
+
+def _polyfit_rows(X: np.ndarray, Y: np.ndarray, M: np.ndarray, deg: int) -> np.ndarray:
+    """Least-squares polynomial of degree ``deg`` per row over its masked points, coefficients
+    highest first (as ``np.polyfit``); NaN for rows with fewer than ``deg + 1`` points. One
+    batched solve of the normal equations (x spans a few doublings, so they are well conditioned)."""
+    V = np.stack([X**p for p in range(deg, -1, -1)], axis=-1) * M[..., None]
+    ok = M.sum(axis=1) > deg
+    coef = np.full((X.shape[0], deg + 1), np.nan)
+    if ok.any():
+        A = np.einsum("nwi,nwj->nij", V[ok], V[ok])
+        rhs = np.einsum("nwi,nw->ni", V[ok], np.where(M[ok], Y[ok], 0.0))
+        coef[ok] = np.linalg.solve(A, rhs[..., None])[..., 0]
+    return coef
+
+
 # ----------------------------------------------------------------------------- baselines
 class ZeroShotSelector(Selector):
     """Rank by the zero-shot loss (column D = 0)."""
@@ -338,39 +364,37 @@ class LensraySelector(Selector):
         ``y0``: each curve's zero-shot log-loss (NaN when unknown).
         """
         n = len(x)
-        s, e, rho = _nan(n), _nan(n), _nan(n)
-        for i in range(n):
-            xi, yi = x[i], y[i]
-            if xi.size < self.k_tangent:
-                continue
-            a, b = np.polyfit(xi[-self.k_tangent :] - xi[-1], yi[-self.k_tangent :], 1)
-            s[i], e[i] = min(a, 0.0), b
-            xw, yw = xi[-self.curvature_window :], yi[-self.curvature_window :]
-            if xw.size >= 4:
-                q2, q1, _ = np.polyfit(xw - xi[-1], yw, 2)
-                if q1 < -1e-3:
-                    rho[i] = 2 * q2 / q1
+        k, w = self.k_tangent, self.curvature_window
+        count = np.array([xi.size for xi in x])
+        X, Y, M = _last_points(x, y, max(k, w))
+        a, b = _polyfit_rows(X[:, -k:], Y[:, -k:], M[:, -k:], 1).T
+        fitted = count >= k
+        s, e = np.where(fitted, np.minimum(a, 0.0), np.nan), np.where(fitted, b, np.nan)
+        q2, q1, _ = _polyfit_rows(X[:, -w:], Y[:, -w:], M[:, -w:], 2).T
+        curved = (np.minimum(count, w) >= 4) & (q1 < -1e-3)
+        rho = np.where(curved, 2 * q2 / np.where(curved, q1, 1.0), np.nan)
         zoo_rho = float(np.nanmedian(rho)) if np.isfinite(rho).any() else 0.0
-        rates = self._transition_rates(x, y, y0, zoo_rho)
-        fitted = np.isfinite(s)
+        window_slope = _polyfit_rows(X[:, -w:], Y[:, -w:], M[:, -w:], 1)[:, 0]
+        last = np.array([yi[-1] if yi.size else np.nan for yi in y])
+        rates = self._transition_rates(np.where(fitted, y0 - last, np.nan), window_slope, zoo_rho)
         s_cap = float(np.quantile(s[fitted], self.cap_quantile)) if fitted.any() else 0.0
         out = _nan(n)
         for i in np.flatnonzero(fitted):
             out[i] = e[i] + self._slope_sum(s[i], rates[i], min(s_cap, s[i]), xt[i] - x[i][-1])
         return out, np.column_stack([s, e, rho])
 
-    def _transition_rates(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, zoo_rho: float) -> np.ndarray:
-        """Each curve's steepening rate: the zoo's ``zoo_rho`` shared out by the transition (step 2)."""
-        n = len(x)
-        t = _nan(n)
-        for i in range(n):
-            gone = y0[i] - y[i][-1] if x[i].size >= self.k_tangent else np.nan  # log L(0) - log L
-            if np.isfinite(gone) and gone > 0:
-                slope = np.polyfit(x[i][-self.curvature_window :], y[i][-self.curvature_window :], 1)[0]
-                t[i] = -min(slope, 0.0) / np.expm1(gone)  # |s| (1 - u) / u with u = 1 - exp(-gone)
+    def _transition_rates(self, gone: np.ndarray, slope: np.ndarray, zoo_rho: float) -> np.ndarray:
+        """Each curve's steepening rate: the zoo's ``zoo_rho`` shared out by the transition (step 2).
+
+        ``gone``: log L(0) - log L at the last point (NaN when unknown); ``slope``: the
+        least-squares slope over the curvature window.
+        """
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # |s| (1 - u) / u with u = 1 - exp(-gone)
+            t = np.where(np.isfinite(gone) & (gone > 0), -np.minimum(slope, 0.0) / np.expm1(gone), np.nan)
         placed = np.isfinite(t) & (t > 0)
         if placed.sum() < 3:
-            return np.full(n, zoo_rho)
+            return np.full(gone.shape, zoo_rho)
         c = self.transition_clip
         ratio = np.where(placed, np.clip(t / np.median(t[placed]), 1 / c, c), 1.0)
         return zoo_rho * ratio**self.transition_weight
