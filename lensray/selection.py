@@ -371,7 +371,7 @@ class LensraySelector(Selector):
         fitted = count >= k
         s, e = np.where(fitted, np.minimum(a, 0.0), np.nan), np.where(fitted, b, np.nan)
         q2, q1, _ = _polyfit_rows(X[:, -w:], Y[:, -w:], M[:, -w:], 2).T
-        curved = (np.minimum(count, w) >= 4) & (q1 < -1e-3)
+        curved = fitted & (np.minimum(count, w) >= 4) & (q1 < -1e-3)
         rho = np.where(curved, 2 * q2 / np.where(curved, q1, 1.0), np.nan)
         zoo_rho = float(np.nanmedian(rho)) if np.isfinite(rho).any() else 0.0
         window_slope = _polyfit_rows(X[:, -w:], Y[:, -w:], M[:, -w:], 1)[:, 0]
