@@ -185,6 +185,14 @@ def render_markdown(
             reason = row.get("reason") or row.get("error") or "no reason recorded by the scheduler"
             lines.append(f"- `{_cell(row['candidate'])}` stopped after D = {row['pruned_at']}: {_cell(reason)}")
         lines.append("")
+    ran = [r for r in ranking if r["status"] == "finished" and r["candidate"] != selection["selected"]]
+    if ran:
+        spent = float(compute.get("flops_spent") or 0.0)
+        lines += ["## Why the others ran to the end", ""]
+        for row in sorted(ran, key=lambda r: -float(r.get("flops") or 0.0)):
+            share = f" ({100 * float(row['flops']) / spent:.1f} % of the compute)" if spent > 0 and row.get("flops") else ""
+            lines.append(f"- `{_cell(row['candidate'])}`{share}: {_cell(row.get('reason') or 'no reason recorded')}")
+        lines.append("")
     failed = [r for r in ranking if r["status"] == "failed"]
     if failed:
         lines += ["## Failed candidates", ""]

@@ -78,18 +78,30 @@ class Forecast:
                 and self.loss > 0)
 
 
+def difference_interval(rival: Forecast, own: Forecast) -> Optional[tuple[float, float]]:
+    """``(log gap, half-width)`` of ``log(own.loss) - log(rival.loss)`` at the forecasts' level.
+
+    The half-width is ``sqrt((c_own - c_rival)^2 + o_own^2 + o_rival^2)`` (``c``: zoo-common
+    half-widths, which cancel where the two horizons are alike; ``o``: own half-widths,
+    independent). None unless both forecasts carry the split of their error.
+    """
+    if not (own.has_split and rival.has_split):
+        return None
+    gap = math.log(own.loss) - math.log(rival.loss)
+    return gap, math.sqrt((own.common_half - rival.common_half) ** 2 + own.own_half**2 + rival.own_half**2)
+
+
 def confidently_better(rival: Forecast, own: Forecast) -> Optional[str]:
     """Whether ``rival`` is predicted better than ``own`` at D* beyond the uncertainty; a short note or None.
 
     With both error splits known: the log difference ``log(own.loss) - log(rival.loss)`` must
-    exceed the half-width of the difference's interval, ``sqrt((c_own - c_rival)^2 + o_own^2 +
-    o_rival^2)`` (``c``: zoo-common half-widths, which cancel where the two horizons are alike;
-    ``o``: own half-widths, independent). Otherwise: ``own.optimistic > rival.pessimistic`` (the
-    marginal intervals do not touch). Equality is not enough.
+    exceed the half-width of the difference's interval (:func:`difference_interval`). Otherwise:
+    ``own.optimistic > rival.pessimistic`` (the marginal intervals do not touch). Equality is not
+    enough.
     """
-    if own.has_split and rival.has_split:
-        gap = math.log(own.loss) - math.log(rival.loss)
-        half = math.sqrt((own.common_half - rival.common_half) ** 2 + own.own_half**2 + rival.own_half**2)
+    diff = difference_interval(rival, own)
+    if diff is not None:
+        gap, half = diff
         return f"{rival.candidate} ({rival.loss:.4g}, log gap {gap:.3g} > {half:.3g})" if gap > half else None
     if math.isfinite(own.optimistic) and math.isfinite(rival.pessimistic) and own.optimistic > rival.pessimistic:
         return f"{rival.candidate} (pessimistic {rival.pessimistic:.4g} < optimistic {own.optimistic:.4g})"

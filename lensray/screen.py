@@ -54,7 +54,7 @@ import numpy as np
 from lensray.config import CandidateConfig, ScreenConfig
 from lensray.curves import Curves
 from lensray.errors import LensrayInputError, one_line
-from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop
+from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop, difference_interval
 from lensray.redact import install_log_redaction
 from lensray.store import ProbeStore, candidate_key
 
@@ -852,6 +852,41 @@ def _full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[d
     return total
 
 
+def _explain_finishers(config: ScreenConfig, entries: list[dict], selected: Optional[str], curves: Curves,
+                       grid: list[int]) -> None:
+    """Set ``reason`` of each finished candidate other than ``selected``: why the pruning rule never
+    stopped it, judged on the final curves (the margin to the selected candidate against the
+    uncertainty of the difference at the predictor's level)."""
+    others = [e for e in entries if e["status"] == "finished" and e["candidate"] != selected]
+    if selected is None or not others:
+        return
+    if not config.pruning.enabled:
+        for e in others:
+            e["reason"] = "ran to the end: pruning is off"
+        return
+    observed = {cid: {int(d): float(v) for d, v in zip(curves.D, curves.L[i]) if np.isfinite(v)}
+                for i, cid in enumerate(curves.ids)}
+    forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, config.target_samples,
+                                dict(zip(curves.ids, curves.size)), dict(zip(curves.ids, curves.family)))
+    final = forecaster(observed)
+    level = f"{100 * config.predictor.level:g} %"
+    best = final.get(selected)
+    for e in others:
+        own = final.get(e["candidate"])
+        diff = difference_interval(best, own) if best is not None and own is not None else None
+        if diff is not None and diff[0] <= diff[1]:
+            e["reason"] = (f"never confidently worse than {selected}: even with the final curves its predicted log "
+                           f"loss is {diff[0]:.3g} higher, within the {level} half-width {diff[1]:.3g} of the difference")
+        elif diff is not None:
+            e["reason"] = (f"confidently worse than {selected} only with the final curves (log gap {diff[0]:.3g} > "
+                           f"{diff[1]:.3g}), not after any earlier probe; a last probe is never stopped (nothing to save)")
+        elif best is not None and own is not None and math.isfinite(own.lo) and math.isfinite(best.hi):
+            e["reason"] = (f"never confidently worse than {selected}: with the final curves its optimistic end "
+                           f"{own.lo:.4g} is below the pessimistic end {best.hi:.4g} of {selected}")
+        else:
+            e["reason"] = "never confidently worse than another candidate: no interval to compare"
+
+
 def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],
            wall_seconds: float) -> dict[str, Any]:
     """Fit every stored curve, rank the candidates, bill the compute and write the outputs."""
@@ -896,6 +931,7 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
     gpu_seconds = sum(float(r.get("wall_seconds") or 0.0) * info[r["candidate"]]["gpus"] * info[r["candidate"]]["workers"]
                       for r in records if r["candidate"] in info)
     selected = next((e["candidate"] for e in entries if e["status"] != "failed"), None)
+    _explain_finishers(config, entries, selected, curves, grid)
     selection = {
         "selected": selected,
         "ranking": entries,

@@ -157,6 +157,11 @@ def test_finish_ranks_bills_and_writes_outputs(tmp_path):
     assert on_disk["selected"] == sel["selected"]
     report = (tmp_path / "o" / "report.md").read_text()
     assert "hand-made" in report and "no such model" in report
+    # the finished candidate that was not selected: why the rule never stopped it, in the report
+    other = next(e for e in sel["ranking"] if e["status"] == "finished" and e["candidate"] != sel["selected"])
+    assert other["reason"].startswith(("never confidently worse than", "confidently worse than"))
+    assert sel["selected"] in other["reason"]
+    assert "## Why the others ran to the end" in report and other["reason"] in report
     for name in ("probes.parquet", "curves.png"):
         assert (tmp_path / "o" / name).stat().st_size > 0
 
