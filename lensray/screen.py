@@ -54,7 +54,7 @@ import numpy as np
 from lensray.config import CandidateConfig, ScreenConfig
 from lensray.curves import Curves
 from lensray.errors import LensrayInputError, one_line
-from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop, difference_interval
+from lensray.scheduler import TIME_ATTR, CurvePruner, Forecast, Stop, confidently_better, difference_interval
 from lensray.redact import install_log_redaction
 from lensray.store import ProbeStore, candidate_key
 
@@ -874,17 +874,18 @@ def _explain_finishers(config: ScreenConfig, entries: list[dict], selected: Opti
     for e in others:
         own = final.get(e["candidate"])
         diff = difference_interval(best, own) if best is not None and own is not None else None
-        if diff is not None and diff[0] <= diff[1]:
-            e["reason"] = (f"never confidently worse than {selected}: even with the final curves its predicted log "
-                           f"loss is {diff[0]:.3g} higher, within the {level} half-width {diff[1]:.3g} of the difference")
-        elif diff is not None:
-            e["reason"] = (f"confidently worse than {selected} only with the final curves (log gap {diff[0]:.3g} > "
-                           f"{diff[1]:.3g}), not after any earlier probe; a last probe is never stopped (nothing to save)")
+        if diff is not None:
+            margin = f"log gap {diff[0]:.3g} against the {level} half-width {diff[1]:.3g} of the difference"
         elif best is not None and own is not None and math.isfinite(own.lo) and math.isfinite(best.hi):
-            e["reason"] = (f"never confidently worse than {selected}: with the final curves its optimistic end "
-                           f"{own.lo:.4g} is below the pessimistic end {best.hi:.4g} of {selected}")
+            margin = f"optimistic end {own.lo:.4g} against the pessimistic end {best.hi:.4g} of {selected}"
         else:
             e["reason"] = "never confidently worse than another candidate: no interval to compare"
+            continue
+        if confidently_better(best, own) is None:
+            e["reason"] = f"never confidently worse than {selected}, even with the final curves ({margin})"
+        else:
+            e["reason"] = (f"confidently worse than {selected} only with the final curves ({margin}), not after any "
+                           "earlier probe; a last probe is never stopped (nothing to save)")
 
 
 def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],

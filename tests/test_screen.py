@@ -162,8 +162,28 @@ def test_finish_ranks_bills_and_writes_outputs(tmp_path):
     assert other["reason"].startswith(("never confidently worse than", "confidently worse than"))
     assert sel["selected"] in other["reason"]
     assert "## Why the others ran to the end" in report and other["reason"] in report
+    assert "log gap" in other["reason"]  # lensray forecasts carry the error split
     for name in ("probes.parquet", "curves.png"):
         assert (tmp_path / "o" / name).stat().st_size > 0
+
+
+def test_finishers_are_explained_on_marginal_intervals_without_an_error_split(tmp_path):
+    """A predictor without the error split (rectified law): the finished candidates' reasons
+    compare the marginal interval ends; with pruning off they say so."""
+    zoo = synthetic_zoo(4, seed=2)
+    col = {int(d): j for j, d in enumerate(zoo.D)}
+    for method, pruning, expect in (("rectified", True, "optimistic end"), ("lensray", False, "pruning is off")):
+        out = tmp_path / f"{method}-{pruning}"
+        config = load_config({"storage": {"path": str(out)}, "predictor": {"method": method},
+                              "pruning": {"enabled": pruning}, "grid": {"start": 200, "max_samples": 6400},
+                              "zoo": [{"id": cid, "size": 1e8} for cid in zoo.ids]}, check_task=False)
+        store, grid = ProbeStore(str(out)), config.grid_sizes()
+        for i, cid in enumerate(zoo.ids):
+            for d in grid:
+                store.put(cid, {"n_samples": d, "status": "ok", "test_loss": float(zoo.L[i, col[d]]), "flops": 1.0})
+        sel = finish(config, store, grid, "replay", None, 1.0)
+        reasons = [e["reason"] for e in sel["ranking"] if e["status"] == "finished" and e["candidate"] != sel["selected"]]
+        assert len(reasons) == 3 and all(expect in r for r in reasons), reasons
 
 
 def test_summary_exit_codes(capsys):
