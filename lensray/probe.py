@@ -257,11 +257,16 @@ class CollectiveOutOfMemory(RuntimeError):
 
     def smaller(self) -> dict[str, int] | None:
         """Half the micro-batch and evaluation batch, twice the accumulation (the same effective
-        batch, as the in-place retry); None at micro-batch 1."""
+        batch, as the in-place retry: :func:`_halved`); None at micro-batch 1."""
         if self.micro_batch <= 1:
             return None
-        return {"micro_batch": self.micro_batch // 2, "grad_accum": self.grad_accum * 2,
-                "eval_batch": max(1, self.eval_batch // 2)}
+        micro_batch, grad_accum = _halved(self.micro_batch, self.grad_accum)
+        return {"micro_batch": micro_batch, "grad_accum": grad_accum, "eval_batch": max(1, self.eval_batch // 2)}
+
+
+def _halved(micro_batch: int, grad_accum: int) -> tuple[int, int]:
+    """The settings after an out-of-memory error: half the micro-batch, twice the accumulation."""
+    return max(1, micro_batch // 2), grad_accum * 2
 
 
 def _lr_factor(schedule: str, step: int, total: int, warmup: int) -> float:
@@ -421,12 +426,7 @@ class ProbeRunner:
 
     def reset(self) -> None:
         """Restore the pre-trained weights (with FSDP: this rank's shards of them)."""
-        if self._fsdp:
-            from lensray.parallel import restore_snapshot
-
-            restore_snapshot(self._model, self._init_state)
-        else:
-            self._model.load_state_dict(self._init_state)
+        self._restore(self._init_state)
 
     def parameter_bytes(self) -> int:
         """Bytes of parameter storage held by this rank (with FSDP: its shards only)."""
@@ -529,15 +529,14 @@ class ProbeRunner:
         with torch.no_grad():
             for i in range(0, 0 if oom else passes * size, size):
                 batch = mine[i : i + size]
-                try:
-                    nll, n = self._batch_nll(collate(batch or encoded[:1], self.pad_id, self.kind))
-                except torch.OutOfMemoryError as exc:
+                try:  # under FSDP the others wait in the forward's all-gathers: no agreement possible
+                    with self._collective() if self._fsdp else contextlib.nullcontext():
+                        nll, n = self._batch_nll(collate(batch or encoded[:1], self.pad_id, self.kind))
+                except torch.OutOfMemoryError:
                     # without FSDP the passes are local: stop here and tell the others in the
-                    # reduction below (under FSDP the others wait in the forward's all-gathers)
+                    # reduction below
                     if self.world == 1:
                         raise
-                    if self._fsdp:
-                        raise _InCollective(str(exc)) from exc
                     oom = True
                     break
                 if batch:
@@ -756,6 +755,7 @@ class ProbeRunner:
         return {k: v.detach().clone() for k, v in self._model.state_dict().items()}
 
     def _restore(self, state: dict[str, Any]) -> None:
+        """Load ``state`` (a :meth:`_snapshot`, or the pre-trained weights) into the model."""
         if self._fsdp:
             from lensray.parallel import restore_snapshot
 
@@ -846,7 +846,7 @@ class ProbeRunner:
                 error = f"out of memory at micro_batch {mb} (grad_accum {ga})"
                 if mb == 1:
                     break
-                mb, ga = max(1, mb // 2), ga * 2
+                mb, ga = _halved(mb, ga)
             self._free_memory()  # outside the except block: its traceback no longer pins the tensors
         ntk = None
         if kernel is not None and status == "ok":

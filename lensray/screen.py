@@ -263,11 +263,8 @@ def zoo_forecaster(method: str, level: float, grid: list[int], target: int, size
     With ``relative`` (default :data:`RELATIVE_PRUNING`) and the ``lensray`` method, each forecast
     also carries the zoo-common and own half-widths of its error at ``level``.
     """
-    from scipy import stats
-
     selector = _selector(method, level)
     split = (RELATIVE_PRUNING if relative is None else relative) and method == "lensray"
-    z = float(stats.norm.ppf(0.5 + level / 2))
     D = np.array(grid, dtype=float)
     col = {d: j for j, d in enumerate(grid)}
 
@@ -282,17 +279,29 @@ def zoo_forecaster(method: str, level: float, grid: list[int], target: int, size
                     L[i, col[d]] = loss
         size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
         curves = Curves(ids, D, L, size, [families.get(c) for c in ids])
-        pred = selector.predict(curves, target)
-        common = own = np.full(len(ids), np.nan)
-        if split:  # the lensray prediction carries it (lensray.selection.lensray_error_split)
-            common, own = (z * v for v in pred.error_split)
-        return {
-            cid: Forecast(cid, max(observed[cid]), sum(1 for d in observed[cid] if d > 0),
-                          float(pred.loss[i]), float(pred.lo[i]), float(pred.hi[i]), float(common[i]), float(own[i]))
-            for i, cid in enumerate(ids)
-        }
+        return forecasts_from(curves, selector.predict(curves, target), level, split)
 
     return run
+
+
+def forecasts_from(curves: Curves, pred: Any, level: float, split: bool = True) -> dict[str, Forecast]:
+    """A :class:`Forecast` per row of ``curves`` from their prediction ``pred``; with ``split``
+    (and a prediction that carries it: ``lensray``) the zoo-common and own half-widths at ``level``."""
+    from scipy import stats
+
+    n = len(curves)
+    common = own = np.full(n, np.nan)
+    if split and pred.error_split is not None:  # lensray.selection.lensray_error_split
+        z = float(stats.norm.ppf(0.5 + level / 2))
+        common, own = (z * v for v in pred.error_split)
+    seen = np.isfinite(curves.L)
+    out = {}
+    for i, cid in enumerate(curves.ids):
+        if seen[i].any():
+            out[cid] = Forecast(cid, int(curves.D[seen[i]].max()), int(np.sum(seen[i] & (curves.D > 0))),
+                                float(pred.loss[i]), float(pred.lo[i]), float(pred.hi[i]), float(common[i]),
+                                float(own[i]))
+    return out
 
 
 def curves_from_store(ids: list[str], grid: list[int], records: list[dict], sizes: Mapping[str, float],
@@ -385,12 +394,12 @@ def _probe_loop(loop_config: dict) -> None:
     losses = {n: float(r["test_loss"]) for n, r in store.completed(cid).items() if r.get("status", "ok") == "ok"}
     configured = dict(ctx.probe or {})
     settings, hint = memory_settings(store, cid, configured)  # smaller after an out-of-memory restart
-    runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**settings),
-                         trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"],
-                         strategy=cand["strategy"])
     if hint is not None and hint.get("settings") is None:  # out of memory even at micro-batch 1
         ray.train.report({"candidate": cid, "failed": True, "error": hint["reason"], TIME_ATTR: hint["n_samples"]})
         return
+    runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**settings),
+                         trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"],
+                         strategy=cand["strategy"])
     try:
         runner.load()
     except Exception as exc:  # noqa: BLE001 - any load failure makes the candidate failed, not the run
@@ -829,8 +838,6 @@ def _storage_path(store: ProbeStore, name: str) -> str:
     return store.path(name) if "://" not in store.uri else f"{store.uri.rstrip('/')}/{name}"
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # driver: fit all curves, rank, bill, write outputs
 
@@ -852,11 +859,11 @@ def _full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[d
     return total
 
 
-def _explain_finishers(config: ScreenConfig, entries: list[dict], selected: Optional[str], curves: Curves,
-                       grid: list[int]) -> None:
+def _explain_finishers(config: ScreenConfig, entries: list[dict], selected: Optional[str],
+                       final: Mapping[str, Forecast]) -> None:
     """Set ``reason`` of each finished candidate other than ``selected``: why the pruning rule never
     stopped it, judged on the final curves (the margin to the selected candidate against the
-    uncertainty of the difference at the predictor's level)."""
+    uncertainty of the difference at the predictor's level). ``final``: the forecasts of the final ranking."""
     others = [e for e in entries if e["status"] == "finished" and e["candidate"] != selected]
     if selected is None or not others:
         return
@@ -864,11 +871,6 @@ def _explain_finishers(config: ScreenConfig, entries: list[dict], selected: Opti
         for e in others:
             e["reason"] = "ran to the end: pruning is off"
         return
-    observed = {cid: {int(d): float(v) for d, v in zip(curves.D, curves.L[i]) if np.isfinite(v)}
-                for i, cid in enumerate(curves.ids)}
-    forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, config.target_samples,
-                                dict(zip(curves.ids, curves.size)), dict(zip(curves.ids, curves.family)))
-    final = forecaster(observed)
     level = f"{100 * config.predictor.level:g} %"
     best = final.get(selected)
     for e in others:
@@ -932,7 +934,7 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
     gpu_seconds = sum(float(r.get("wall_seconds") or 0.0) * info[r["candidate"]]["gpus"] * info[r["candidate"]]["workers"]
                       for r in records if r["candidate"] in info)
     selected = next((e["candidate"] for e in entries if e["status"] != "failed"), None)
-    _explain_finishers(config, entries, selected, curves, grid)
+    _explain_finishers(config, entries, selected, forecasts_from(curves, pred, config.predictor.level, RELATIVE_PRUNING))
     selection = {
         "selected": selected,
         "ranking": entries,

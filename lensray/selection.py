@@ -420,12 +420,25 @@ class LensraySelector(Selector):
             keep = [i for i in range(len(x)) if x[i].size - b >= self.k_tangent]
             if len(keep) < 2:
                 break
-            xs = [x[i][:-b] for i in keep]
-            pred, _ = self._forecast(xs, [y[i][:-b] for i in keep], y0[keep], np.array([x[i][-1] for i in keep]))
-            err = np.array([y[i][-1] for i in keep]) - pred
-            if not np.isfinite(err).any():
-                continue
-            yield err, float(np.mean([x[i][-1] - xs[j][-1] for j, i in enumerate(keep)]))
+            err, horizon = self._hidden_errors(x, y, y0, keep, [x[i].size - b for i in keep])
+            if np.isfinite(err).any():
+                yield err, horizon
+
+    def _hidden_errors(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, rows: list[int],
+                       points: list[int]) -> tuple[np.ndarray, float]:
+        """Log-loss errors of ``rows`` at their last point forecast from their first ``points``
+        points, and the mean distance (doublings) of those forecasts."""
+        xs = [x[i][:m] for i, m in zip(rows, points)]
+        pred, _ = self._forecast(xs, [y[i][:m] for i, m in zip(rows, points)], y0[rows],
+                                 np.array([x[i][-1] for i in rows]))
+        err = np.array([y[i][-1] for i in rows]) - pred
+        return err, float(np.mean([x[i][-1] - xi[-1] for i, xi in zip(rows, xs)]))
+
+    @staticmethod
+    def _parts(err: np.ndarray) -> tuple[float, float]:
+        """The zoo-common part ``|mean|`` of forecast errors and the rms of the residuals about it."""
+        c = float(np.nanmean(err))
+        return abs(c), float(np.sqrt(np.nanmean((err - c) ** 2)))
 
     def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
                       H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -439,9 +452,9 @@ class LensraySelector(Selector):
         common, own = [], []
         for err, horizon in self._backtests(x, y, y0):
             g = (np.maximum(H, 0.0) / horizon) ** self.gamma
-            c = float(np.nanmean(err))
-            common.append(abs(c) * g)
-            own.append(float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
+            c, u = self._parts(err)
+            common.append(c * g)
+            own.append(u * g)
         if not common:
             return np.full(H.shape, np.nan), np.full(H.shape, np.nan)
         return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
@@ -454,17 +467,14 @@ class LensraySelector(Selector):
             longer = [j for j in range(len(x)) if x[j].size > p]
             if len(longer) < 2:
                 continue
-            pred, _ = self._forecast([x[j][:p] for j in longer], [y[j][:p] for j in longer], y0[longer],
-                                     np.array([x[j][-1] for j in longer]))
-            err = np.array([y[j][-1] for j in longer]) - pred
+            err, h = self._hidden_errors(x, y, y0, longer, [p] * len(longer))
             if not np.isfinite(err).any():
                 continue
-            h = float(np.mean([x[j][-1] - x[j][p - 1] for j in longer]))
-            c = float(np.nanmean(err))
+            c, u = self._parts(err)
             rows = np.array([xi.size == p for xi in x])
             g = (np.maximum(H[rows], 0.0) / h) ** self.gamma
-            common[rows] = np.fmax(common[rows], abs(c) * g)
-            own[rows] = np.fmax(own[rows], float(np.sqrt(np.nanmean((err - c) ** 2))) * g)
+            common[rows] = np.fmax(common[rows], c * g)
+            own[rows] = np.fmax(own[rows], u * g)
         return common, own
 
     def predict(self, curves: Curves, target: int) -> Prediction:
