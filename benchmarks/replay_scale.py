@@ -2,6 +2,7 @@
 
     python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal] [--no-scout]
     python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal] [--no-scout]
+    python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -12,6 +13,14 @@ JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.screen)
 ``tables`` replays both shared tables at the seven budget ratios r (max_samples = D*/r) and
 prints, per cell, the selected candidate's RelAcc, the saved compute fraction and whether the
 candidate truly best at D* was stopped (pruning safety, issue 5.8).
+
+``orderings`` measures how much those figures depend on the order in which concurrent trials
+report. With several trials at once the scheduler judges each report against whatever the
+others have reported so far, which depends on timing. It drives the real scheduler
+(lensray.scheduler.CurvePruner with lensray.screen's zoo forecaster, scout stages and trial
+order) without Ray: ``--concurrent`` trials run at once and, at every step, a random one of
+them reports its next probe. Per cell it prints over ``--seeds`` random orders how often the
+true best was stopped, the saved fraction (mean, min) and the mean RelAcc.
 
 ``--marginal`` prunes on the marginal intervals instead of the intervals of the differences
 (``lensray.screen.RELATIVE_PRUNING = False``), the rule before the zoo-common error was split off.
@@ -150,6 +159,84 @@ def tables(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _interleaved(config, curves, grid: list[int], seed: int, concurrent: int) -> tuple[set, dict]:
+    """One screening in a random report order: the stopped candidates and every observed curve."""
+    import random
+
+    from lensray.scheduler import CurvePruner, TrialScheduler
+    from lensray.screen import scout_stages, trial_order, zoo_forecaster
+
+    rng = random.Random(seed)
+    ids = list(curves.ids)
+    col = {int(d): j for j, d in enumerate(curves.D)}
+    info = {c: {"size": float(s)} for c, s in zip(ids, curves.size)}
+    forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, config.target_samples,
+                                {c: i["size"] for c, i in info.items()}, {c: None for c in ids})
+    observed: dict[str, dict[int, float]] = {}
+    stopped: set = set()
+    for stage, upto in enumerate(scout_stages(config, grid, len(ids), concurrent)):
+        live = [c for c in ids if c not in stopped]
+        queue = trial_order(live, info, forecaster(observed) if stage else None)
+        pruner = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
+                             observed=observed, last_size=grid[-1])
+        running: list[tuple[str, list[int]]] = []
+        while queue or running:
+            while queue and len(running) < concurrent:
+                cid = queue.pop(0)
+                running.append((cid, [d for d in grid if d <= upto and d not in observed.get(cid, {})]))
+            cid, todo = running[rng.randrange(len(running))]
+            if todo:
+                d = todo.pop(0)
+                loss = float(curves.L[ids.index(cid), col[d]])
+                observed.setdefault(cid, {})[d] = loss
+                if pruner.on_trial_result(None, None, {"candidate": cid, "n_samples": d, "loss": loss}) == \
+                        TrialScheduler.STOP:
+                    stopped.add(cid)
+                    todo.clear()
+            if not todo:
+                running.remove(next(r for r in running if r[0] == cid))
+    return stopped, observed
+
+
+def orderings(args: argparse.Namespace) -> list[dict]:
+    from lensray.curves import load_curves_csv
+    from lensray.screen import zoo_forecaster
+    from lensray.screen_cli import replay_config
+
+    _pruning_mode(args)
+    rows = []
+    for table in ("flan", "wmt19"):
+        csv = Path(args.tables) / f"{table}.csv"
+        full = load_curves_csv(csv)
+        true = full.loss_at(TARGET)
+        best = full.ids[int(np.argmin(true))]
+        size = dict(zip(full.ids, full.size))
+        for r in RATIOS:
+            ns = argparse.Namespace(replay=str(csv), config=None, out=tempfile.mkdtemp(), address=None,
+                                    max_samples=TARGET // r, target_samples=TARGET, resume=False)
+            config, curves = replay_config(ns)
+            config.pruning.scout = not args.no_scout
+            grid = [int(d) for d in curves.D if d <= TARGET // r]
+            final = zoo_forecaster(config.predictor.method, config.predictor.level, grid, TARGET,
+                                   size, {c: None for c in full.ids})
+            t0 = time.perf_counter()
+            hits, saved, acc = 0, [], []
+            for seed in range(args.seeds):
+                stopped, observed = _interleaved(config, curves, grid, seed, args.concurrent)
+                fc = final(observed)
+                chosen = min((c for c in full.ids if c not in stopped), key=lambda c: fc[c].loss)
+                hits += best in stopped
+                spent = sum(size[c] * sum(pts) for c, pts in observed.items())
+                saved.append(1 - spent / (sum(size.values()) * TARGET))
+                acc.append(100 * (true.max() - true[full.ids.index(chosen)]) / (true.max() - true.min()))
+            rows.append({"table": table, "ratio": r, "orders": args.seeds, "concurrent": args.concurrent,
+                         "best_stopped": hits, "saved_mean": round(float(np.mean(saved)), 5),
+                         "saved_min": round(float(np.min(saved)), 5), "relacc_mean": round(float(np.mean(acc)), 2),
+                         "seconds": round(time.perf_counter() - t0, 1)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -163,12 +250,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--tables", default=str(Path(__file__).resolve().parents[2] / "shared" / "benchmarks"))
     t.add_argument("--cpus", type=int, default=2)
     t.add_argument("--level", type=float, default=None, help="predictor.level (default: the config's, 0.9)")
-    for sp in (p, t):
+    o = sub.add_parser("orderings", help="pruning safety over random report orders of concurrent trials (no Ray)")
+    o.add_argument("--tables", default=t.get_default("tables"))
+    o.add_argument("--seeds", type=int, default=40, help="random report orders per cell")
+    o.add_argument("--concurrent", type=int, default=2, help="trials at once")
+    for sp in (p, t, o):
         sp.add_argument("--marginal", action="store_true", help="prune on marginal intervals (the earlier rule)")
         sp.add_argument("--no-scout", action="store_true", help="pruning.scout: false (no scout stage)")
     args = parser.parse_args(argv)
     if args.mode == "scale":
         print(json.dumps(scale(args)))
+    elif args.mode == "orderings":
+        rows = orderings(args)
+        print("| table | r | orders | true best stopped | saved (mean) | saved (min) | RelAcc (mean) |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            print(f"| {row['table']} | {row['ratio']} | {row['orders']} | {row['best_stopped']} | {row['saved_mean']:.4f} "
+                  f"| {row['saved_min']:.4f} | {row['relacc_mean']:.1f} |")
+        print(f"true best stopped in {sum(r['best_stopped'] for r in rows)} of {sum(r['orders'] for r in rows)} "
+              f"orders ({args.concurrent} trials at once)")
     else:
         rows = tables(args)
         print("| table | r | D_max | selected | RelAcc | saved | pruned | true best pruned |")

@@ -41,6 +41,9 @@ class RayConfig(_Model):
     address: str | None = Field(None, description="Ray address ('auto', 'ray://host:10001'); null = start a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (null = all); ignored with an address")
     num_gpus: int | None = Field(None, ge=0, description="GPUs of the local Ray (null = detect); ignored with an address")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="candidates probed at once (null = the cluster's GPUs // GPUs per candidate, else its "
+        "CPUs // CPUs per candidate; a replay: its CPUs)")
 
 
 class StorageConfig(_Model):

@@ -592,7 +592,10 @@ def _init_ray(config: ScreenConfig) -> bool:
 
 
 def max_concurrent(config: ScreenConfig, backend: Backend, resources: Mapping[str, float]) -> int:
-    """Trials at once: cluster GPUs // GPUs per candidate, else CPUs // CPUs per candidate."""
+    """Trials at once: ``ray.max_concurrent_trials`` when set, else cluster GPUs // GPUs per
+    candidate, else CPUs // CPUs per candidate (a replay: CPUs)."""
+    if config.ray.max_concurrent_trials is not None:
+        return config.ray.max_concurrent_trials
     if backend == "replay":
         return max(1, int(resources.get("CPU", 1)))
     gpus = max((c.gpus * c.workers for c in config.zoo), default=0)

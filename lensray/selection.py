@@ -27,6 +27,16 @@ LEVEL = 0.9
 """Level of every predictive interval."""
 
 
+def small_sample_factor(dof: int) -> float:
+    """``t_dof / z`` at :data:`LEVEL`: how much wider an interval must be whose standard deviation
+    was estimated with ``dof`` degrees of freedom (inf below 1). A spread measured on 2 curves
+    (dof 1) gives 3.8, on 5 curves 1.29, on 30 curves 1.03."""
+    if dof < 1:
+        return float("inf")
+    q = 0.5 + LEVEL / 2
+    return float(stats.t.ppf(q, dof) / stats.norm.ppf(q))
+
+
 @dataclass
 class Prediction:
     """Output of a selection method for ``n`` candidates.
@@ -324,11 +334,13 @@ class LensraySelector(Selector):
     5. **Interval** (90 %): leave-future-out backtests on the visible data: the same predictor
        run with the last ``b`` points hidden predicts the hidden last point of every curve
        (``b`` doublings ahead, ``b = 1, 2, ...`` while ``k_tangent`` points remain); the
-       zoo root-mean-square error ``sigma_b`` of each ``b`` is scaled to the target's distance,
-       ``sigma_b (H / b)^gamma`` (``gamma = 1.5``: between slope errors, linear in H, and
-       curvature errors, quadratic), these are pooled by root mean square over ``b``, and the
+       errors of each ``b`` are scaled to the target's distance by ``(H / b)^gamma``
+       (``gamma = 1.5``: between slope errors, linear in H, and curvature errors, quadratic)
+       and pooled over ``b`` into ``sigma(H_i)``, a zoo-common and an own part (below); the
        interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``; NaN when no curve has more than
-       ``k_tangent`` points (nothing to backtest). The prediction also carries the split of
+       ``k_tangent`` points (nothing to backtest). The own part's spread is estimated on the
+       curves at hand and widened by ``t_dof / z`` (:func:`small_sample_factor`): a zoo where
+       only 2 curves are long enough to backtest cannot claim a narrow interval. The prediction also carries the split of
        this error into a zoo-common and an own part (:func:`lensray_error_split`).
 
     The rank is that of the point prediction (the predictive spread is the same for every
@@ -435,29 +447,33 @@ class LensraySelector(Selector):
         return err, float(np.mean([x[i][-1] - xi[-1] for i, xi in zip(rows, xs)]))
 
     @staticmethod
-    def _parts(err: np.ndarray) -> tuple[float, float]:
-        """The zoo-common part ``|mean|`` of forecast errors and the rms of the residuals about it."""
+    def _parts(err: np.ndarray) -> tuple[float, float, int]:
+        """The zoo-common part ``|mean|`` of forecast errors, the sum of squared residuals about
+        it, and their degrees of freedom (finite errors - 1)."""
         c = float(np.nanmean(err))
-        return abs(c), float(np.sqrt(np.nanmean((err - c) ** 2)))
+        return abs(c), float(np.nansum((err - c) ** 2)), int(np.isfinite(err).sum()) - 1
 
     def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
                       H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Zoo-common and own parts of the backtest error, scaled to each horizon ``H`` (doublings).
 
         In backtest ``b`` the errors split into their zoo mean ``c_b`` and residuals ``u_i``; both
-        are scaled by ``(H / horizon_b)^gamma`` and pooled by root mean square over ``b``. Their
-        ``hypot`` is the interval's ``sigma(H)``, since ``mean(err^2) = c_b^2 + mean(u^2)``. NaN
-        when no backtest is possible.
+        are scaled by ``g_b = (H / horizon_b)^gamma``. The common parts are pooled by root mean
+        square over ``b``; the residuals' variance by their degrees of freedom,
+        ``sum_b g_b^2 sum_i u_i^2 / sum_b (n_b - 1)``, and its root is widened for the few
+        curves it rests on (:func:`small_sample_factor`). NaN when no backtest is possible.
         """
-        common, own = [], []
+        common, own, dof = [], [], 0
         for err, horizon in self._backtests(x, y, y0):
             g = (np.maximum(H, 0.0) / horizon) ** self.gamma
-            c, u = self._parts(err)
+            c, ss, k = self._parts(err)
             common.append(c * g)
-            own.append(u * g)
-        if not common:
+            own.append(ss * g**2)
+            dof += k
+        if dof < 1:
             return np.full(H.shape, np.nan), np.full(H.shape, np.nan)
-        return np.sqrt(np.mean(np.square(common), axis=0)), np.sqrt(np.mean(np.square(own), axis=0))
+        own_sd = np.sqrt(np.sum(own, axis=0) / dof) * small_sample_factor(dof)
+        return np.sqrt(np.mean(np.square(common), axis=0)), own_sd
 
     def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, H: np.ndarray,
                          common: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -468,13 +484,13 @@ class LensraySelector(Selector):
             if len(longer) < 2:
                 continue
             err, h = self._hidden_errors(x, y, y0, longer, [p] * len(longer))
-            if not np.isfinite(err).any():
+            c, ss, dof = self._parts(err)
+            if dof < 1:
                 continue
-            c, u = self._parts(err)
             rows = np.array([xi.size == p for xi in x])
             g = (np.maximum(H[rows], 0.0) / h) ** self.gamma
             common[rows] = np.fmax(common[rows], c * g)
-            own[rows] = np.fmax(own[rows], u * g)
+            own[rows] = np.fmax(own[rows], np.sqrt(ss / dof) * small_sample_factor(dof) * g)
         return common, own
 
     def predict(self, curves: Curves, target: int) -> Prediction:
@@ -506,18 +522,20 @@ def lensray_error_split(curves: Curves, target: int, selector: LensraySelector |
     hidden, ``b = 1, 2, ...``): in backtest ``b`` the errors ``err_i`` of the kept curves are
     split into their zoo mean ``c_b`` (what moves every candidate together, e.g. the zoo-shared
     steepening) and the residuals ``u_i = err_i - c_b``. Both parts are scaled to each row's
-    distance ``H_i`` like the predictor's interval, ``(H_i / b)^gamma``, and pooled by root mean
-    square over ``b``: ``sd_common = rms_b(|c_b| g_b)``, ``sd_own = rms_b(rms_i(u_i) g_b)``, so
-    ``sd_common^2 + sd_own^2`` is the square of the predictor's own ``sigma(H_i)`` (before
-    the widening below).
+    distance ``H_i`` like the predictor's interval, ``g_b = (H_i / b)^gamma``, and pooled over
+    ``b``: ``sd_common = rms_b(|c_b| g_b)``, ``sd_own^2 = f(dof)^2 sum_b g_b^2 sum_i u_i^2 / dof``
+    with ``dof = sum_b (n_b - 1)`` and ``f`` the small-sample factor ``t_dof / z``
+    (:func:`small_sample_factor`), so ``sd_common^2 + sd_own^2`` is the square of the
+    predictor's own ``sigma(H_i)`` (before the widening below).
 
     A forecast from few points (early in a curve, before its power phase) is less reliable
     than the same horizon seen from late points, and the backtests above mostly start late. So
     each part is also measured from the row's own **origin**: the curves longer than the row,
     cut to its number of points ``p``, forecast their last point (mean distance ``h``); the
-    mean and the spread of those errors, scaled by ``(H_i / h)^gamma``, are a second estimate
-    of the common and own parts, and each part is the larger of its two estimates (when at
-    least 2 curves are longer). Only ever wider: a scheduler comparing on these parts stops a
+    mean and the spread of those errors (``n - 1`` degrees of freedom, widened by the same
+    small-sample factor), scaled by ``(H_i / h)^gamma``, are a second estimate of the common
+    and own parts, and each part is the larger of its two estimates (when at least 2 curves are
+    longer). Only ever wider: a scheduler comparing on these parts stops a
     candidate early only when early forecasts have proven reliable on the zoo.
 
     Returns

@@ -131,6 +131,8 @@ def test_max_concurrent_follows_resources(tmp_path):
     gpu = load_config({"zoo": [{"id": "a", "gpus": 1, "workers": 2}], "task": {"source": "synthetic"}},
                       check_task=False)
     assert max_concurrent(gpu, "train", {"CPU": 64.0, "GPU": 8.0}) == 4
+    gpu.ray.max_concurrent_trials = 3  # the config's cap wins over the cluster's resources
+    assert max_concurrent(gpu, "train", {"CPU": 64.0, "GPU": 8.0}) == 3
 
 
 def test_finish_ranks_bills_and_writes_outputs(tmp_path):
