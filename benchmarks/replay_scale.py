@@ -212,8 +212,8 @@ def orderings(args: argparse.Namespace) -> list[dict]:
         best = full.ids[int(np.argmin(true))]
         size = dict(zip(full.ids, full.size))
         for r in RATIOS:
-            ns = argparse.Namespace(replay=str(csv), config=None, out=tempfile.mkdtemp(), address=None,
-                                    max_samples=TARGET // r, target_samples=TARGET, resume=False)
+            ns = argparse.Namespace(replay=str(csv), config=None, out=str(Path(tempfile.gettempdir()) / "unused"),
+                                    address=None, max_samples=TARGET // r, target_samples=TARGET, resume=False)
             config, curves = replay_config(ns)
             config.pruning.scout = not args.no_scout
             grid = [int(d) for d in curves.D if d <= TARGET // r]

@@ -340,8 +340,9 @@ class LensraySelector(Selector):
        interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``; NaN when no curve has more than
        ``k_tangent`` points (nothing to backtest). The own part's spread is estimated on the
        curves at hand and widened by ``t_dof / z`` (:func:`small_sample_factor`): a zoo where
-       only 2 curves are long enough to backtest cannot claim a narrow interval. The prediction also carries the split of
-       this error into a zoo-common and an own part (:func:`lensray_error_split`).
+       only 2 curves are long enough to backtest cannot claim a narrow interval. The prediction
+       also carries the split of this error into a zoo-common and an own part
+       (:func:`lensray_error_split`).
 
     The rank is that of the point prediction (the predictive spread is the same for every
     candidate of a zoo, so the probability of being best orders them alike).
