@@ -451,8 +451,11 @@ class LensraySelector(Selector):
     def _parts(err: np.ndarray) -> tuple[float, float, int]:
         """The zoo-common part ``|mean|`` of forecast errors, the sum of squared residuals about
         it, and their degrees of freedom (finite errors - 1)."""
-        c = float(np.nanmean(err))
-        return abs(c), float(np.nansum((err - c) ** 2)), int(np.isfinite(err).sum()) - 1
+        finite = err[np.isfinite(err)]
+        if finite.size == 0:
+            return float("nan"), 0.0, -1
+        c = float(finite.mean())
+        return abs(c), float(np.sum((finite - c) ** 2)), finite.size - 1
 
     def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
                       H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -128,6 +128,17 @@ def test_error_split_adds_up_to_the_predictors_interval():
     assert own[3] > own[0] and common[3] > common[0]
 
 
+def test_spreads_from_few_curves_are_widened_by_t_over_z():
+    import math
+
+    from lensray.selection import small_sample_factor
+
+    assert small_sample_factor(1) == pytest.approx(6.3138 / 1.6449, rel=1e-3)  # 2 curves: t_1 / z at 90 %
+    factors = [small_sample_factor(d) for d in (1, 2, 4, 29, 10_000)]
+    assert all(a > b for a, b in zip(factors, factors[1:])) and factors[-1] == pytest.approx(1.0, abs=1e-3)
+    assert math.isinf(small_sample_factor(0))
+
+
 def _pooled_split(sel, curves, target):
     """The backtest-pooled split alone (lensray_error_split before its origin widening)."""
     import numpy as np
