@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lensray.metrics import relacc
+
 TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
 
@@ -46,7 +48,6 @@ RATIOS = (8, 16, 32, 64, 128, 256, 512)
 def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None,
             scout: bool = True) -> tuple[dict, object]:
     from lensray.screen import screen
-    from lensray.screen_cli import replay_config
 
     config = None
     lines = ([f"predictor: {{method: lensray, level: {level}}}"] if level is not None else []) + \
@@ -54,10 +55,17 @@ def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None,
     if lines:  # settings through a config file, as a user would
         config = out.parent / "settings.yaml"
         config.write_text("\n".join(lines) + "\n")
-    args = argparse.Namespace(replay=str(csv), config=None if config is None else str(config), out=str(out),
-                              address=None, max_samples=max_samples, target_samples=TARGET, resume=False)
-    config, curves = replay_config(args)
+    config, curves = _replay_config(csv, out, max_samples, config)
     return screen(config, backend="replay", replay=curves, progress=False), curves
+
+
+def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None = None) -> tuple:
+    """The config and curves of ``lensray screen --replay csv [settings]``, as the CLI builds them."""
+    from lensray.screen_cli import replay_config
+
+    args = argparse.Namespace(replay=str(csv), config=None if settings is None else str(settings), out=str(out),
+                              address=None, max_samples=max_samples, target_samples=TARGET, resume=False)
+    return replay_config(args)
 
 
 def _timed_forecaster():
@@ -110,7 +118,6 @@ def scale(args: argparse.Namespace) -> dict:
     status = [e["status"] for e in sel["ranking"]]
     true = curves.loss_at(TARGET)
     best = curves.ids[int(np.argmin(true))]
-    chosen = true[curves.ids.index(sel["selected"])]
     return {
         "candidates": args.n, "max_samples": args.max_samples, "cpus": args.cpus, "tune_loggers": args.tune_loggers,
         "marginal": args.marginal, "scout": not args.no_scout,
@@ -119,7 +126,7 @@ def scale(args: argparse.Namespace) -> dict:
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "finished": status.count("finished"), "pruned": status.count("pruned"), "failed": status.count("failed"),
         "saved_fraction": round(sel["compute"]["saved_fraction"], 5),
-        "relacc": round(100 * (true.max() - chosen) / (true.max() - true.min()), 2),
+        "relacc": round(relacc(true, curves.ids.index(sel["selected"])), 2),
         "best_pruned": dict(zip((e["candidate"] for e in sel["ranking"]), status))[best] == "pruned",
     }
 
@@ -144,10 +151,9 @@ def tables(args: argparse.Namespace) -> list[dict]:
                     sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r, args.level, not args.no_scout)
                     wall = time.perf_counter() - t0
                 rank = {e["candidate"]: e for e in sel["ranking"]}
-                chosen = true[full.ids.index(sel["selected"])]
                 rows.append({
                     "table": table, "ratio": r, "max_samples": TARGET // r, "selected": sel["selected"],
-                    "relacc": round(100 * (true.max() - chosen) / (true.max() - true.min()), 2),
+                    "relacc": round(relacc(true, full.ids.index(sel["selected"])), 2),
                     "saved_fraction": round(sel["compute"]["saved_fraction"], 5),
                     "pruned": sum(e["status"] == "pruned" for e in sel["ranking"]),
                     "best": best, "best_pruned": rank[best]["status"] == "pruned",
@@ -159,19 +165,17 @@ def tables(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _interleaved(config, curves, grid: list[int], seed: int, concurrent: int) -> tuple[set, dict]:
+def _interleaved(config, curves, grid: list[int], forecaster, seed: int, concurrent: int) -> tuple[set, dict]:
     """One screening in a random report order: the stopped candidates and every observed curve."""
     import random
 
     from lensray.scheduler import CurvePruner, TrialScheduler
-    from lensray.screen import scout_stages, trial_order, zoo_forecaster
+    from lensray.screen import scout_stages, trial_order
 
     rng = random.Random(seed)
     ids = list(curves.ids)
     col = {int(d): j for j, d in enumerate(curves.D)}
     info = {c: {"size": float(s)} for c, s in zip(ids, curves.size)}
-    forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, config.target_samples,
-                                {c: i["size"] for c, i in info.items()}, {c: None for c in ids})
     observed: dict[str, dict[int, float]] = {}
     stopped: set = set()
     for stage, upto in enumerate(scout_stages(config, grid, len(ids), concurrent)):
@@ -199,42 +203,48 @@ def _interleaved(config, curves, grid: list[int], seed: int, concurrent: int) ->
 
 
 def orderings(args: argparse.Namespace) -> list[dict]:
-    from lensray.curves import load_curves_csv
     from lensray.screen import zoo_forecaster
-    from lensray.screen_cli import replay_config
 
     _pruning_mode(args)
     rows = []
     for table in ("flan", "wmt19"):
-        csv = Path(args.tables) / f"{table}.csv"
-        full = load_curves_csv(csv)
-        true = full.loss_at(TARGET)
-        best = full.ids[int(np.argmin(true))]
-        size = dict(zip(full.ids, full.size))
         for r in RATIOS:
-            ns = argparse.Namespace(replay=str(csv), config=None, out=str(Path(tempfile.gettempdir()) / "unused"),
-                                    address=None, max_samples=TARGET // r, target_samples=TARGET, resume=False)
-            config, curves = replay_config(ns)
+            config, curves = _replay_config(Path(args.tables) / f"{table}.csv", Path(tempfile.gettempdir()) / "unused",
+                                            TARGET // r)
             config.pruning.scout = not args.no_scout
+            true = curves.loss_at(TARGET)
+            best = curves.ids[int(np.argmin(true))]
+            size = dict(zip(curves.ids, curves.size))
             grid = [int(d) for d in curves.D if d <= TARGET // r]
-            final = zoo_forecaster(config.predictor.method, config.predictor.level, grid, TARGET,
-                                   size, {c: None for c in full.ids})
+            forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, TARGET,
+                                        size, {c: None for c in curves.ids})
             t0 = time.perf_counter()
             hits, saved, acc = 0, [], []
             for seed in range(args.seeds):
-                stopped, observed = _interleaved(config, curves, grid, seed, args.concurrent)
-                fc = final(observed)
-                chosen = min((c for c in full.ids if c not in stopped), key=lambda c: fc[c].loss)
+                stopped, observed = _interleaved(config, curves, grid, forecaster, seed, args.concurrent)
+                fc = forecaster(observed)
+                chosen = min((c for c in curves.ids if c not in stopped), key=lambda c: fc[c].loss)
                 hits += best in stopped
                 spent = sum(size[c] * sum(pts) for c, pts in observed.items())
                 saved.append(1 - spent / (sum(size.values()) * TARGET))
-                acc.append(100 * (true.max() - true[full.ids.index(chosen)]) / (true.max() - true.min()))
+                acc.append(relacc(true, curves.ids.index(chosen)))
             rows.append({"table": table, "ratio": r, "orders": args.seeds, "concurrent": args.concurrent,
                          "best_stopped": hits, "saved_mean": round(float(np.mean(saved)), 5),
                          "saved_min": round(float(np.min(saved)), 5), "relacc_mean": round(float(np.mean(acc)), 2),
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
+
+
+def _print_table(header: dict[str, str], rows: list[dict], footer: str) -> None:
+    """A markdown table: ``header`` maps each column's title to a format of one row field (text
+    fields left-aligned, numbers right-aligned)."""
+    text = [isinstance(rows[0][fmt.strip("{}").split(":")[0]], str) if rows else True for fmt in header.values()]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" if t else "---:" for t in text) + "|")
+    for row in rows:
+        print("| " + " | ".join(fmt.format(**row) for fmt in header.values()) + " |")
+    print(footer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,21 +272,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(scale(args)))
     elif args.mode == "orderings":
         rows = orderings(args)
-        print("| table | r | orders | true best stopped | saved (mean) | saved (min) | RelAcc (mean) |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for row in rows:
-            print(f"| {row['table']} | {row['ratio']} | {row['orders']} | {row['best_stopped']} | {row['saved_mean']:.4f} "
-                  f"| {row['saved_min']:.4f} | {row['relacc_mean']:.1f} |")
-        print(f"true best stopped in {sum(r['best_stopped'] for r in rows)} of {sum(r['orders'] for r in rows)} "
-              f"orders ({args.concurrent} trials at once)")
+        _print_table({"table": "{table}", "r": "{ratio}", "orders": "{orders}", "true best stopped": "{best_stopped}",
+                      "saved (mean)": "{saved_mean:.4f}", "saved (min)": "{saved_min:.4f}",
+                      "RelAcc (mean)": "{relacc_mean:.1f}"}, rows,
+                     f"true best stopped in {sum(r['best_stopped'] for r in rows)} of "
+                     f"{sum(r['orders'] for r in rows)} orders ({args.concurrent} trials at once)")
     else:
-        rows = tables(args)
-        print("| table | r | D_max | selected | RelAcc | saved | pruned | true best pruned |")
-        print("|---|---:|---:|---|---:|---:|---:|---|")
-        for row in rows:
-            print(f"| {row['table']} | {row['ratio']} | {row['max_samples']} | {row['selected']} | {row['relacc']:.1f} "
-                  f"| {row['saved_fraction']:.4f} | {row['pruned']} | {'YES' if row['best_pruned'] else 'no'} |")
-        print(f"true best stopped in {sum(r['best_pruned'] for r in rows)} of {len(rows)} cells")
+        rows = [{**r, "stopped": "YES" if r["best_pruned"] else "no"} for r in tables(args)]
+        _print_table({"table": "{table}", "r": "{ratio}", "D_max": "{max_samples}", "selected": "{selected}",
+                      "RelAcc": "{relacc:.1f}", "saved": "{saved_fraction:.4f}", "pruned": "{pruned}",
+                      "true best pruned": "{stopped}"}, rows,
+                     f"true best stopped in {sum(r['best_pruned'] for r in rows)} of {len(rows)} cells")
     return 0
 
 
