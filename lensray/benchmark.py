@@ -102,7 +102,7 @@ def cli_main(args: argparse.Namespace) -> int:
     methods = None if args.methods is None else parse_name_list(args.methods, "--methods")
     if args.target <= 0:
         raise LensrayInputError(f"--target must be a positive sample size, got {args.target}")
-    curves = load_curves_csv(args.curves)
+    curves = _scorable(load_curves_csv(args.curves, allow_missing=True), args.target)
     out = Path(args.out) if args.out else None
     if out is not None:
         _check_writable(out)
@@ -220,6 +220,28 @@ def _ground_truth(curves: Curves, target: int) -> np.ndarray:
     if bad.size:
         raise LensrayInputError(f"row '{curves.ids[bad[0]]}': no loss at the target D*={target}, the ground truth")
     return truth
+
+
+def _scorable(curves: Curves, target: int) -> Curves:
+    """The rows that have a true loss at ``target`` (the others cannot be scored: warned and left
+    out); missing losses below it stay NaN ("not measured") and are warned about."""
+    try:
+        truth = curves.loss_at(target)
+    except LensrayInputError as exc:
+        raise LensrayInputError(f"--target {target}: {exc}") from None
+    keep = np.flatnonzero(np.isfinite(truth))
+    if keep.size < len(curves):
+        gone = [curves.ids[i] for i in np.flatnonzero(~np.isfinite(truth))]
+        if keep.size < 2:
+            raise LensrayInputError(f"the benchmark needs at least 2 models with a loss at D*={target}, the curves "
+                                    f"table has {keep.size} (row '{gone[0]}' has none)")
+        _stderr(f"warning: no loss at D*={target} for {len(gone)} row(s) ({', '.join(gone[:3])}"
+                f"{' ...' if len(gone) > 3 else ''}): left out of the benchmark")
+        curves = curves.take(keep)
+    holes = int(np.count_nonzero(~np.isfinite(curves.L[:, curves.D < target])))
+    if holes:
+        _stderr(f"warning: {holes} loss(es) missing below D*: methods fit those rows on the points they have")
+    return curves
 
 
 def _budgets(curves: Curves, ratios: Sequence[int], target: int) -> list[tuple[int, Curves]]:

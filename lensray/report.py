@@ -177,6 +177,10 @@ def render_markdown(
               f"| saved | {'–' if saved is None else f'{100 * float(saved):.2f} %'} |",
               f"| GPU time | {_seconds(compute.get('gpu_seconds'))} |",
               f"| wall time | {_seconds(compute.get('wall_seconds'))} |", ""]
+    if compute.get("uncharged"):
+        names = ", ".join(f"`{_cell(c)}`" for c in compute["uncharged"])
+        lines += [f"Not in the bill (no parameter count known): {names}. Their probes are charged nothing and "
+                  "they are left out of full tuning too, so the saved fraction is over the other candidates.", ""]
 
     pruned = [r for r in ranking if r["status"] == "pruned"]
     if pruned:

@@ -167,15 +167,18 @@ def write_decision(store: ProbeStore, candidate_id: str, status: str, n_samples:
     )
 
 
-def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int]) -> list[CandidatePlan]:
-    """Read the store: what each candidate has done and what remains."""
+def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int],
+              gaps: Optional[Mapping[str, set[int]]] = None) -> list[CandidatePlan]:
+    """Read the store: what each candidate has done and what remains (``gaps``: sizes a
+    candidate has no probe for, e.g. a replayed table's missing cells; never to do)."""
     plans = []
     for cand in config.zoo:
         done = {n: r for n, r in store.completed(cand.id).items() if r.get("status", "ok") == "ok"}
         decision = read_decision(store, cand.id)
         if decision and decision.get("status") != "pruned":
             decision = None  # failures are retried on resume
-        todo = [d for d in grid if d not in done]
+        skip = (gaps or {}).get(cand.id, set())
+        todo = [d for d in grid if d not in done and d not in skip]
         plans.append(CandidatePlan(cand, done, decision, todo))
     return plans
 
@@ -362,14 +365,16 @@ def replay_trainable(config: dict, ctx: TrialContext) -> None:
     cid = config["candidate"]
     store = ProbeStore(ctx.store_uri, check=False)
     losses = dict(ctx.done.get(cid, {}))
-    size = ctx.candidates[cid].get("size") or math.nan
+    size = ctx.candidates[cid].get("size")  # None: not in the table, so its probes go unbilled
     for d in ctx.grid:
         if d in losses:
             continue
         loss = ctx.replay[cid][d]
+        if not math.isfinite(loss):
+            continue  # the table has no loss at this size: there is no probe to replay
         tokens = ctx.tokens_per_sample * d
         record = {"n_samples": d, "status": "ok", "test_loss": loss, "tokens": tokens,
-                  "flops": 6.0 * size * tokens, "wall_seconds": 0.0, "n_params": size,
+                  "flops": None if size is None else 6.0 * size * tokens, "wall_seconds": 0.0, "n_params": size,
                   "backend": "replay", "started_at": time.time()}
         store.put(cid, record)
         losses[d] = loss
@@ -611,6 +616,15 @@ def _grid(config: ScreenConfig, replay: Optional[Curves]) -> list[int]:
     return [int(d) for d in replay.D if d <= config.grid.max_samples]
 
 
+def replay_gaps(replay: Optional[Curves], grid: list[int]) -> dict[str, set[int]]:
+    """Sizes of ``grid`` at which a replayed candidate has no recorded loss (no probe to replay)."""
+    if replay is None:
+        return {}
+    cols = [j for j, d in enumerate(replay.D) if int(d) in set(grid)]
+    gaps = {cid: {int(replay.D[j]) for j in cols if not np.isfinite(replay.L[i, j])} for i, cid in enumerate(replay.ids)}
+    return {cid: g for cid, g in gaps.items() if g}
+
+
 def screen(
     config: ScreenConfig,
     out: Optional[str] = None,
@@ -656,13 +670,14 @@ def screen(
     try:
         import ray
 
-        plans = make_plan(config, store, grid)
+        gaps = replay_gaps(replay, grid)
+        plans = make_plan(config, store, grid, gaps)
         stages = scout_stages(config, grid, sum(p.needs_trial for p in plans),
                               max_concurrent(config, backend, ray.cluster_resources()))
         failed: set[str] = set()
         for k, upto in enumerate(stages):
             if k:  # the store has moved on
-                plans = make_plan(config, store, grid)
+                plans = make_plan(config, store, grid, gaps)
             plans = [replace(p, todo=[d for d in p.todo if d <= upto]) for p in plans]
             _run_trials(config, store, plans, grid, backend, replay, progress, upto=upto, exclude=failed,
                         by_forecast=upto == grid[-1] and len(stages) > 1)
@@ -904,6 +919,7 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
     sizes = {cid: info[cid]["size"] or next((r.get("n_params") for r in records
                                             if r["candidate"] == cid and r.get("n_params")), None) for cid in ids}
     curves = curves_from_store(ids, grid, records, sizes, {cid: info[cid]["family"] for cid in ids})
+    gaps = replay_gaps(replay, grid)
     selector = _selector(config.predictor.method, config.predictor.level)
     pred = selector.predict(curves, config.target_samples)
     entries = []
@@ -916,8 +932,8 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
             status, error = "failed", decision["reason"]
         elif decision and decision["status"] == "pruned":
             status, reason, pruned_at = "pruned", decision["reason"], decision["n_samples"]
-        elif not set(grid) <= observed:
-            status, error = "failed", f"incomplete: {len(observed)} of {len(grid)} probes stored"
+        elif not (expected := set(grid) - gaps.get(cid, set())) <= observed:
+            status, error = "failed", f"incomplete: {len(observed)} of {len(expected)} probes stored"
         if status != "failed" and not pred.ok[i]:
             status, error = "failed", pred.errors[i] or "curve could not be fitted"
         params = None if pred.params is None else [float(v) for v in np.asarray(pred.params)[i].reshape(-1)]
@@ -938,12 +954,15 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
                       for r in records if r["candidate"] in info)
     selected = next((e["candidate"] for e in entries if e["status"] != "failed"), None)
     _explain_finishers(config, entries, selected, forecasts_from(curves, pred, config.predictor.level, RELATIVE_PRUNING))
+    compute = {"flops_spent": spent, "flops_full_tuning": full, "saved_fraction": 1.0 - spent / full if full > 0 else None,
+               "gpu_seconds": gpu_seconds, "wall_seconds": wall_seconds}
+    uncharged = [cid for cid in ids if not sizes[cid] and any(r["candidate"] == cid for r in records)]
+    if uncharged:
+        compute["uncharged"] = uncharged  # no parameter count: outside both sides of the bill
     selection = {
         "selected": selected,
         "ranking": entries,
-        "compute": {"flops_spent": spent, "flops_full_tuning": full,
-                    "saved_fraction": 1.0 - spent / full if full > 0 else None,
-                    "gpu_seconds": gpu_seconds, "wall_seconds": wall_seconds},
+        "compute": compute,
         "backend": backend, "target_samples": config.target_samples, "grid": grid,
         "predictor": config.predictor.method,
     }

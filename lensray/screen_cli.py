@@ -28,7 +28,7 @@ def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if args.max_samples is None:
         raise LensrayInputError("--max-samples: required with --replay (the probe budget D_max)")
-    curves = load_curves_csv(args.replay)
+    curves = load_curves_csv(args.replay, allow_missing=True)
     curves.budget(args.max_samples)  # at least 3 points with D > 0 under the budget
     overrides = {"storage.path": args.out, "ray.address": args.address,
                  "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
@@ -48,7 +48,26 @@ def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
         curves = curves.take([curves.ids.index(c.id) for c in config.zoo])
     else:
         config = load_config(base, overrides, check_task=False)
+    _warn_incomplete(curves.budget(args.max_samples), args.replay)
     return config, curves
+
+
+def _warn_incomplete(seen: Any, path: str) -> None:
+    """One warning line each for missing losses under the budget (those probes are skipped) and
+    rows without a size (their probes are not billed)."""
+    import numpy as np
+
+    holes = [(cid, int(d)) for i, cid in enumerate(seen.ids) for j, d in enumerate(seen.D)
+             if not np.isfinite(seen.L[i, j])]
+    if holes:
+        where = "; ".join(f"row '{c}' column '{d}'" for c, d in holes[:3]) + (" ..." if len(holes) > 3 else "")
+        _say(f"warning: {path}: {len(holes)} loss(es) missing under the budget ({where}); those probes are "
+             "skipped and the candidates fitted on the rest", file=sys.stderr)
+    unsized = [cid for cid, s in zip(seen.ids, seen.size) if not np.isfinite(s)]
+    if unsized:
+        names = ", ".join(unsized[:3]) + (" ..." if len(unsized) > 3 else "")
+        _say(f"warning: {path}: no size for {len(unsized)} candidate(s) ({names}); their probes are not billed "
+             "and the saved fraction covers the others", file=sys.stderr)
 
 
 def _read_yaml(path: str) -> dict:

@@ -247,6 +247,24 @@ def test_unwritable_out(tiny_csv, tmp_path, capsys, fake_registry):
     assert_one_line_error(rc, err, f"--out '{blocker}': cannot write there")
 
 
+def test_rows_without_truth_are_left_out_and_holes_kept(tiny_csv, capsys, fake_registry):
+    lines = tiny_csv.read_text().splitlines()
+    cells = lines[2].split(",")
+    cells[8] = ""  # m1 has no loss at the target D* = 12800
+    lines[2] = ",".join(cells)
+    cells = lines[3].split(",")
+    cells[3] = "nan"  # m2 misses a point below it
+    lines[3] = ",".join(cells)
+    tiny_csv.write_text("\n".join(lines) + "\n")
+    rc, out, err = run_cli(capsys, "--curves", str(tiny_csv), "--target", "12800", "--ratios", "4", "--json")
+    assert rc == 0
+    assert "no loss at D*=12800 for 1 row(s) (m1): left out" in err and "1 loss(es) missing below D*" in err
+    result = json.loads(out)
+    check_schema(result, len(FAKES))
+    assert all(row["selected"] != "m1" for row in result["rows"])
+    assert {row["method"]: row["n_failed"] for row in result["rows"]}["subtuning"] == 0
+
+
 def test_method_needing_size_on_table_without_it(tmp_path, capsys, fake_registry):
     path = tmp_path / "nosize.csv"
     path.write_text("config name,0,200,400,800,1600\na,4,3,2.5,2.2,2\nb,5,3.5,3,2.7,2.5\n")

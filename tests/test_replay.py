@@ -69,6 +69,34 @@ def test_replay_synthetic_zoo_end_to_end(ray_local, tmp_path):
     assert sel["selected"] in {e["candidate"] for e in sel["ranking"] if e["status"] == "finished"}
 
 
+def test_replay_skips_missing_losses_and_bills_only_sized_rows(ray_local, tmp_path, capsys):
+    zoo = synthetic_zoo(6, seed=4)
+    col = {int(d): j for j, d in enumerate(zoo.D)}
+    zoo.L[1, col[1600]] = np.nan  # a missing cell under the budget
+    zoo.L[2, col[TARGET]] = np.nan  # beyond it: irrelevant to the replay
+    zoo.size[3] = np.nan  # no parameter count
+    csv = write_curves_csv(zoo, tmp_path / "zoo.csv")
+    sel, _ = _replay(csv, tmp_path / "out", 3200)
+    err = capsys.readouterr().err
+    assert f"row '{zoo.ids[1]}' column '1600'" in err and "1 loss(es) missing" in err
+    assert f"no size for 1 candidate(s) ({zoo.ids[3]})" in err
+    check_selection(sel)
+    rows = {e["candidate"]: e for e in sel["ranking"]}
+    assert all(e["status"] != "failed" for e in sel["ranking"])  # a hole is not a failure
+    probes = {(r["candidate"], r["n_samples"]) for r in ProbeStore(str(tmp_path / "out")).get_all()}
+    assert (zoo.ids[1], 1600) not in probes
+    if rows[zoo.ids[1]]["status"] == "finished":
+        assert rows[zoo.ids[1]]["n_probes"] == 5 and (zoo.ids[1], 3200) in probes
+    bill = sel["compute"]
+    assert bill["uncharged"] == [zoo.ids[3]] and rows[zoo.ids[3]]["flops"] == 0
+    sized = [i for i in range(6) if i != 3]
+    assert bill["flops_full_tuning"] == pytest.approx(sum(6 * zoo.size[i] * 35 * TARGET for i in sized))
+    assert "Not in the bill" in (tmp_path / "out" / "report.md").read_text()
+    again, _ = _replay(csv, tmp_path / "out", 3200, resume=True)  # the hole is not owed: nothing reruns
+    assert len(ProbeStore(str(tmp_path / "out")).get_all()) == len(probes)
+    assert again["selected"] == sel["selected"]
+
+
 def test_replay_refuses_a_used_output_without_resume(ray_local, tmp_path):
     from lensray.errors import LensrayInputError
 
