@@ -11,7 +11,8 @@ Validation (each failure is a :class:`LensrayInputError` naming the row or colum
 exists and is UTF-8 text; ``config name`` is present; no column name appears twice; the ``D``
 columns are strictly increasing from left to right and at least ``MIN_POINTS`` of them have
 ``D > 0``; every row has as many cells as the header; model ids are non-empty and unique;
-losses are finite positive numbers; sizes are empty (unknown) or finite positive numbers.
+losses are finite positive numbers; sizes are empty (unknown) or finite positive numbers, plain or
+with a K/M/B/T suffix (``1.3B``).
 
 Missing points: an empty or ``NaN`` loss cell is rejected by default. With
 ``allow_missing=True`` it becomes ``NaN`` in :attr:`Curves.L` ("point not measured", e.g. a
@@ -288,8 +289,16 @@ def _loss(cell: str, where: str, allow_missing: bool) -> float:
     return value
 
 
+_SIZE_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
 def _size(cell: str, where: str) -> float:
+    """A parameter count: a number, or one with a K/M/B/T suffix ("1.3B", "350m")."""
     value = _number(cell)
+    text = cell.strip()
+    if value is None and len(text) > 1 and text[-1].lower() in _SIZE_SUFFIX:
+        base = _number(text[:-1])
+        value = None if base is None else base * _SIZE_SUFFIX[text[-1].lower()]
     if value is None:
         raise LensrayInputError(f"{where}: size {cell.strip()!r} is not a number")
     if not math.isnan(value) and (not math.isfinite(value) or value <= 0):

@@ -78,6 +78,15 @@ def test_require_size_names_the_column(tmp_path):
     assert load_curves_csv(write(tmp_path, GOOD)).require_size()[0] == 1000
 
 
+def test_sizes_with_a_unit_suffix(tmp_path):
+    text = f"{HEADER}\na,4,3.5,3.2,3,2.9,1.3B,f\nb,4,3.5,3.2,3,2.9,350m,f\nc,4,3.5,3.2,3,2.9,2k,f\n"
+    assert load_curves_csv(write(tmp_path, text)).size.tolist() == pytest.approx([1.3e9, 3.5e8, 2e3])
+    with pytest.raises(LensrayInputError, match="size '1.3X' is not a number"):
+        load_curves_csv(write(tmp_path, text.replace("1.3B", "1.3X")))
+    with pytest.raises(LensrayInputError, match="size must be a finite positive"):
+        load_curves_csv(write(tmp_path, text.replace("1.3B", "-1B")))
+
+
 def test_missing_points_allowed_only_on_request(tmp_path):
     path = write(tmp_path, "config name,200,400,800,1600\na,3,2.5,,nan\nb,4,3,2.5,2.2\n")
     with pytest.raises(LensrayInputError, match=r"row 'a' \(line 2\), column '800': loss is missing"):
