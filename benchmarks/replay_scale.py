@@ -2,7 +2,7 @@
 
     python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal] [--no-scout]
     python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal] [--no-scout]
-    python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2]
+    python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2] [--target N]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -59,12 +59,13 @@ def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None,
     return screen(config, backend="replay", replay=curves, progress=False), curves
 
 
-def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None = None) -> tuple:
+def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None = None,
+                   target: int = TARGET) -> tuple:
     """The config and curves of ``lensray screen --replay csv [settings]``, as the CLI builds them."""
     from lensray.screen_cli import replay_config
 
     args = argparse.Namespace(replay=str(csv), config=None if settings is None else str(settings), out=str(out),
-                              address=None, max_samples=max_samples, target_samples=TARGET, resume=False)
+                              address=None, max_samples=max_samples, target_samples=target, resume=False)
     return replay_config(args)
 
 
@@ -210,13 +211,13 @@ def orderings(args: argparse.Namespace) -> list[dict]:
     for table in ("flan", "wmt19"):
         for r in RATIOS:
             config, curves = _replay_config(Path(args.tables) / f"{table}.csv", Path(tempfile.gettempdir()) / "unused",
-                                            TARGET // r)
+                                            args.target // r, target=args.target)
             config.pruning.scout = not args.no_scout
-            true = curves.loss_at(TARGET)
+            true = curves.loss_at(args.target)
             best = curves.ids[int(np.argmin(true))]
             size = dict(zip(curves.ids, curves.size))
-            grid = [int(d) for d in curves.D if d <= TARGET // r]
-            forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, TARGET,
+            grid = [int(d) for d in curves.D if d <= args.target // r]
+            forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, args.target,
                                         size, {c: None for c in curves.ids})
             t0 = time.perf_counter()
             hits, saved, acc = 0, [], []
@@ -226,7 +227,7 @@ def orderings(args: argparse.Namespace) -> list[dict]:
                 chosen = min((c for c in curves.ids if c not in stopped), key=lambda c: fc[c].loss)
                 hits += best in stopped
                 spent = sum(size[c] * sum(pts) for c, pts in observed.items())
-                saved.append(1 - spent / (sum(size.values()) * TARGET))
+                saved.append(1 - spent / (sum(size.values()) * args.target))
                 acc.append(relacc(true, curves.ids.index(chosen)))
             rows.append({"table": table, "ratio": r, "orders": args.seeds, "concurrent": args.concurrent,
                          "best_stopped": hits, "saved_mean": round(float(np.mean(saved)), 5),
@@ -264,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--tables", default=t.get_default("tables"))
     o.add_argument("--seeds", type=int, default=40, help="random report orders per cell")
     o.add_argument("--concurrent", type=int, default=2, help="trials at once")
+    o.add_argument("--target", type=int, default=TARGET,
+                   help="D* (a smaller one, e.g. 819200, checks safety against a column the defaults were not made on)")
     for sp in (p, t, o):
         sp.add_argument("--marginal", action="store_true", help="prune on marginal intervals (the earlier rule)")
         sp.add_argument("--no-scout", action="store_true", help="pruning.scout: false (no scout stage)")
