@@ -26,8 +26,9 @@ from lensray.store import ProbeStore
 RANKING_KEYS = ("candidate", "status", "predicted_loss", "interval", "pruned_at", "params", "flops", "error")
 COMPUTE_KEYS = ("flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds")
 STATUSES = ("finished", "pruned", "failed")
-MAX_LEGEND = 12
-MAX_COLOURED = 20  # larger zoos: the top MAX_LEGEND in colour, the others grey and thin
+TOP_COLOURED = 12
+MAX_RANKED = 30  # rows of the ranking panel
+MAX_COLOURED = 20  # larger zoos: the top TOP_COLOURED in colour, the others grey and thin
 GREY = (0.6, 0.6, 0.6, 1.0)
 
 Fitted = Mapping[str, tuple[Sequence[float], Sequence[float]]]
@@ -260,14 +261,14 @@ def _y_range(ranking: Sequence[Mapping[str, Any]], losses: dict[str, dict[int, f
 
 
 def _colours(n: int) -> list:
-    """One colour per candidate up to MAX_COLOURED; beyond that the top MAX_LEGEND keep theirs, the rest are grey."""
+    """One colour per candidate up to MAX_COLOURED; beyond that the top TOP_COLOURED keep theirs, the rest are grey."""
     import matplotlib
 
     if n <= 10:
         return [matplotlib.colormaps["tab10"](i) for i in range(n)]
     if n <= MAX_COLOURED:
         return [matplotlib.colormaps["tab20"](i) for i in range(n)]
-    return [matplotlib.colormaps["tab20"](i) for i in range(MAX_LEGEND)] + [GREY] * (n - MAX_LEGEND)
+    return [matplotlib.colormaps["tab20"](i) for i in range(TOP_COLOURED)] + [GREY] * (n - TOP_COLOURED)
 
 
 def plot_curves(
@@ -276,7 +277,8 @@ def plot_curves(
     target_samples: int,
     fitted: Fitted | None = None,
 ) -> bytes:
-    """PNG bytes: observed points, fitted curves, the interval at D* and a D* marker, one colour per candidate.
+    """PNG bytes: observed points, fitted curves and a D* marker, one colour per candidate; on the right,
+    the ranking with each prediction at D* and its interval (:func:`_plot_ranking`).
 
     Within the observed range each candidate gets a rectified-law fit of its points; beyond it, the
     ``fitted`` extrapolation when given (see :func:`predictor_curves`), else the rectified fit.
@@ -298,11 +300,11 @@ def plot_curves(
     fitted = fitted or {}
 
     y_lo, y_hi = _y_range(ranking, losses)
-    fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(15, 6.5), dpi=110, gridspec_kw={"width_ratios": [2.7, 1]})
     colours = _colours(len(ranking))
+    _plot_ranking(side, ranking, colours, selection.get("selected"), target_samples)
     for i, (row, colour) in enumerate(zip(ranking, colours)):
         cand = row["candidate"]
-        label = f"{cand} ({row['status']})" if i < MAX_LEGEND else None
         seen = losses.get(cand, {})
         background = colour == GREY
         alpha = 0.3 if background else 1.0 if row["status"] == "finished" else 0.55
@@ -311,10 +313,9 @@ def plot_curves(
         if seen:
             ds = sorted(seen)
             ax.plot([d if d > 0 else x_zero for d in ds], [min(seen[d], y_hi) for d in ds], "o", color=colour, ms=4,
-                    alpha=alpha, label=label, zorder=z)
+                    alpha=alpha, zorder=z)
             if seen.get(0, -math.inf) > y_hi:  # an off-scale zero-shot loss: a marker on the top edge
                 ax.plot([x_zero], [y_hi], "^", color=colour, ms=7, alpha=alpha, zorder=z)
-            label = None
         d_max = max(seen, default=0)
         if cand in display and d_max > 0:
             inside = grid <= d_max
@@ -328,13 +329,8 @@ def plot_curves(
             ax.plot(grid[beyond], display[cand][beyond], ":", color=colour, lw=0.8, alpha=alpha, zorder=z)
         pred = row.get("predicted_loss")
         if pred is not None and math.isfinite(float(pred)) and not background:
-            lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
-            yerr = None
-            if lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi)):
-                yerr = [[max(float(pred) - float(lo), 0.0)], [max(float(hi) - float(pred), 0.0)]]
-            x = target_samples * (1 + 0.04 * ((i % 7) - 3))  # spread overlapping intervals a little
-            ax.errorbar([x], [float(pred)], yerr=yerr, fmt="s", color=colour, ms=5, capsize=3, alpha=alpha,
-                        label=label, zorder=4)
+            x = target_samples * (1 + 0.04 * ((i % 7) - 3))  # spread overlapping markers a little
+            ax.plot([x], [float(pred)], "s", color=colour, ms=5, alpha=alpha, zorder=4)
     ax.set_ylim(y_lo, y_hi)
     ax.set_xscale("log")
     ax.axvline(target_samples, color="black", ls="--", lw=0.8)
@@ -346,22 +342,61 @@ def plot_curves(
     ax.set_xlabel("fine-tuning samples D (log scale; the leftmost point is the zero-shot loss, D = 0)\n"
                   "solid: rectified-law fit of the observed points; "
                   + ("dashed: the predictor's extrapolation" if fitted else "dotted: its extrapolation")
-                  + "; squares: predicted loss at D* with its interval", fontsize=8)
+                  + "; squares: predicted loss at D* (intervals in the right panel)", fontsize=8)
     ax.set_ylabel("test loss")
     selected = selection.get("selected")
     ax.set_title(f"observed losses, fitted curves and predictions at D*; selected: {selected}" if selected
                  else "observed losses and fitted curves")
     ax.grid(True, which="major", alpha=0.25)
-    if ax.get_legend_handles_labels()[0]:
-        note = f"\n(first {MAX_LEGEND} of {len(ranking)})" if len(ranking) > MAX_LEGEND else ""
-        note += "; the others in grey" if len(ranking) > MAX_COLOURED else ""
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title=f"candidates, ranked{note}",
-                  title_fontsize=7)
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _plot_ranking(ax: Any, ranking: Sequence[Mapping[str, Any]], colours: list, selected: str | None,
+                  target_samples: int) -> None:
+    """The ranking panel: each candidate's predicted loss at D* and its interval, in ranking order
+    (the first MAX_RANKED), coloured as in the curves panel; hollow markers for pruned candidates."""
+    import matplotlib.ticker
+
+    rows = [(row, colour) for row, colour in zip(ranking, colours)
+            if row.get("predicted_loss") is not None and math.isfinite(float(row["predicted_loss"]))][:MAX_RANKED]
+    if not rows:
+        ax.text(0.5, 0.5, "no candidate has a prediction", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    for k, (row, colour) in enumerate(rows):
+        pred = float(row["predicted_loss"])
+        lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
+        if lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi)):
+            ax.plot([float(lo), float(hi)], [k, k], "-", color=colour, lw=2.2 if row["candidate"] == selected else 1.2)
+        finished = row["status"] == "finished"
+        ax.plot([pred], [k], "s" if finished else "o", color=colour, ms=6, mfc=colour if finished else "white")
+    if selected is not None:
+        best = next((float(r["predicted_loss"]) for r, _ in rows if r["candidate"] == selected), None)
+        if best is not None:
+            ax.axvline(best, color="black", ls=":", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{r['candidate']} ({r['status']}"
+                                     + (f" at {r['pruned_at']:,}" if r.get("pruned_at") is not None else "") + ")"
+                                     for r, _ in rows], fontsize=7)
+    ax.set_xscale("log")  # the intervals are multiplicative: symmetric about the prediction here
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.tick_params(axis="x", which="both", labelsize=7)
+    ax.yaxis.tick_right()
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.grid(True, axis="x", alpha=0.25)
+    more = len([r for r in ranking if r.get("predicted_loss") is not None]) - len(rows)
+    ax.set_title(f"predicted loss at D* = {target_samples:,}, ranked" + (f" (first {len(rows)}; {more} more)"
+                                                                          if more > 0 else ""), fontsize=9)
+    ax.set_xlabel("test loss: square = finished, circle = pruned; line = interval", fontsize=8)
+    for label, (row, colour) in zip(ax.get_yticklabels(), rows):  # last: the calls above remake the labels
+        label.set_color(colour if colour != GREY else "dimgrey")
+        if row["candidate"] == selected:
+            label.set_fontweight("bold")
 
 
 def predictor_curves(selector: Any, curves: Any, target: int, points: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -179,7 +179,7 @@ def test_predictor_curves_end_at_the_ranking_prediction(run):
 
 def test_large_zoo_plot_and_report(tmp_path):
     """300 candidates: the report lists them all and the plot stays readable (top ones in colour)."""
-    from lensray.report import GREY, MAX_LEGEND, _colours
+    from lensray.report import GREY, TOP_COLOURED, _colours
 
     store = ProbeStore(str(tmp_path / "big"))
     rng = np.random.default_rng(1)
@@ -200,5 +200,31 @@ def test_large_zoo_plot_and_report(tmp_path):
     md = store.read_text("report.md")
     assert "300 candidates: 300 finished" in md and md.count("| finished |") == 300
     colours = _colours(300)
-    assert len(set(colours[:MAX_LEGEND])) == MAX_LEGEND and set(colours[MAX_LEGEND:]) == {GREY}
+    assert len(set(colours[:TOP_COLOURED])) == TOP_COLOURED and set(colours[TOP_COLOURED:]) == {GREY}
     assert len(set(_colours(20))) == 20
+
+
+def test_ranking_panel_lists_predictions_in_ranking_order():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lensray.report import _colours, _plot_ranking
+
+    ranking = [
+        {"candidate": "a", "status": "finished", "predicted_loss": 1.5, "interval": [1.2, 1.9], "pruned_at": None},
+        {"candidate": "b", "status": "finished", "predicted_loss": 1.7, "interval": [None, None], "pruned_at": None},
+        {"candidate": "c", "status": "pruned", "predicted_loss": 2.4, "interval": [1.9, 3.1], "pruned_at": 1600},
+        {"candidate": "d", "status": "failed", "predicted_loss": None, "interval": [None, None], "pruned_at": None},
+    ]
+    fig, ax = plt.subplots()
+    _plot_ranking(ax, ranking, _colours(len(ranking)), "a", 51200)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["a (finished)", "b (finished)", "c (pruned at 1,600)"]  # the failed row has no prediction
+    assert ax.get_yticklabels()[0].get_fontweight() == "bold" and ax.get_xscale() == "log"
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata()) == 2 and ln.get_linestyle() == "-"]
+    assert sorted(tuple(ln.get_xdata()) for ln in lines) == [(1.2, 1.9), (1.9, 3.1)]  # b has no interval
+    hollow = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
+    assert len(hollow) == 1 and hollow[0].get_markerfacecolor() == "white" and hollow[0].get_ydata()[0] == 2
+    plt.close(fig)
