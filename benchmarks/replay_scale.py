@@ -2,7 +2,7 @@
 
     python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal] [--no-scout]
     python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal] [--no-scout]
-    python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2] [--target N]
+    python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2] [--target N] [--subzoo N]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -213,15 +213,20 @@ def orderings(args: argparse.Namespace) -> list[dict]:
             config, curves = _replay_config(Path(args.tables) / f"{table}.csv", Path(tempfile.gettempdir()) / "unused",
                                             args.target // r, target=args.target)
             config.pruning.scout = not args.no_scout
-            true = curves.loss_at(args.target)
-            best = curves.ids[int(np.argmin(true))]
-            size = dict(zip(curves.ids, curves.size))
             grid = [int(d) for d in curves.D if d <= args.target // r]
-            forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, args.target,
-                                        size, {c: None for c in curves.ids})
+            full, forecaster = curves, None
             t0 = time.perf_counter()
             hits, saved, acc = 0, [], []
             for seed in range(args.seeds):
+                if args.subzoo or forecaster is None:  # one forecaster per zoo
+                    if args.subzoo:
+                        pick = np.random.default_rng([seed, r]).choice(len(full), args.subzoo, replace=False)
+                        curves = full.take(np.sort(pick))
+                    true = curves.loss_at(args.target)
+                    best = curves.ids[int(np.argmin(true))]
+                    size = dict(zip(curves.ids, curves.size))
+                    forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, args.target,
+                                                size, {c: None for c in curves.ids})
                 stopped, observed = _interleaved(config, curves, grid, forecaster, seed, args.concurrent)
                 fc = forecaster(observed)
                 chosen = min((c for c in curves.ids if c not in stopped), key=lambda c: fc[c].loss)
@@ -265,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--tables", default=t.get_default("tables"))
     o.add_argument("--seeds", type=int, default=40, help="random report orders per cell")
     o.add_argument("--concurrent", type=int, default=2, help="trials at once")
+    o.add_argument("--subzoo", type=int, default=0,
+                   help="each order screens a random sub-zoo of this many rows (0: the whole table)")
     o.add_argument("--target", type=int, default=TARGET,
                    help="D* (a smaller one, e.g. 819200, checks safety against a column the defaults were not made on)")
     for sp in (p, t, o):
