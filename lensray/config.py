@@ -102,7 +102,7 @@ class PruningConfig(_Model):
     """When the scheduler stops candidates that cannot win."""
 
     enabled: bool = Field(True, description="stop losing candidates early")
-    top_k: int = Field(1, ge=1, description="a candidate is kept while it can still reach the top k")
+    top_k: int = Field(2, ge=1, description="a candidate is kept while it can still reach the top k")
     grace_points: int = Field(3, ge=3, description="probes (D > 0) a candidate runs before it can be stopped")
     scout: bool = Field(True, description="first probe every candidate up to the grace, then continue them best "
                         "predicted first: each is judged against the whole zoo's early curves (one more worker-group "
