@@ -2,7 +2,7 @@
 
     python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal] [--no-scout]
     python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal] [--no-scout]
-    python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2] [--target N] [--subzoo N] [--top-k K]
+    python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2] [--target N] [--subzoo N] [--top-k K] [--grace G]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -214,6 +214,7 @@ def orderings(args: argparse.Namespace) -> list[dict]:
                                             args.target // r, target=args.target)
             config.pruning.scout = not args.no_scout
             config.pruning.top_k = args.top_k or config.pruning.top_k
+            config.pruning.grace_points = args.grace or config.pruning.grace_points
             grid = [int(d) for d in curves.D if d <= args.target // r]
             full, forecaster = curves, None
             t0 = time.perf_counter()
@@ -272,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--seeds", type=int, default=40, help="random report orders per cell")
     o.add_argument("--concurrent", type=int, default=2, help="trials at once")
     o.add_argument("--top-k", type=int, default=0, help="pruning.top_k (0: the config default)")
+    o.add_argument("--grace", type=int, default=0, help="pruning.grace_points (0: the config default)")
     o.add_argument("--subzoo", type=int, default=0,
                    help="each order screens a random sub-zoo of this many rows (0: the whole table)")
     o.add_argument("--target", type=int, default=TARGET,
