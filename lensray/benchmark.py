@@ -212,23 +212,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def _ground_truth(curves: Curves, target: int) -> np.ndarray:
     if len(curves) < 2:
         raise LensrayInputError(f"the benchmark needs at least 2 models, the curves table has {len(curves)}")
-    try:
-        truth = curves.loss_at(target)
-    except LensrayInputError as exc:
-        raise LensrayInputError(f"--target {target}: {exc}") from None
+    truth = _truth(curves, target)
     bad = np.flatnonzero(~np.isfinite(truth))
     if bad.size:
         raise LensrayInputError(f"row '{curves.ids[bad[0]]}': no loss at the target D*={target}, the ground truth")
     return truth
 
 
+def _truth(curves: Curves, target: int) -> np.ndarray:
+    """The column ``target`` (NaN where missing); an error naming ``--target`` when there is none."""
+    try:
+        return curves.loss_at(target)
+    except LensrayInputError as exc:
+        raise LensrayInputError(f"--target {target}: {exc}") from None
+
+
 def _scorable(curves: Curves, target: int) -> Curves:
     """The rows that have a true loss at ``target`` (the others cannot be scored: warned and left
     out); missing losses below it stay NaN ("not measured") and are warned about."""
-    try:
-        truth = curves.loss_at(target)
-    except LensrayInputError as exc:
-        raise LensrayInputError(f"--target {target}: {exc}") from None
+    truth = _truth(curves, target)
     keep = np.flatnonzero(np.isfinite(truth))
     if keep.size < len(curves):
         gone = [curves.ids[i] for i in np.flatnonzero(~np.isfinite(truth))]

@@ -48,13 +48,13 @@ def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
         curves = curves.take([curves.ids.index(c.id) for c in config.zoo])
     else:
         config = load_config(base, overrides, check_task=False)
-    _warn_incomplete(curves.budget(args.max_samples), args.replay)
+    _warn_incomplete(curves.budget(args.max_samples), args.replay, {c.id for c in config.zoo if c.size})
     return config, curves
 
 
-def _warn_incomplete(seen: Any, path: str) -> None:
+def _warn_incomplete(seen: Any, path: str, sized: set[str]) -> None:
     """One warning line each for missing losses under the budget (those probes are skipped) and
-    rows without a size (their probes are not billed)."""
+    rows without a size, in the table or in the config's zoo (``sized``): their probes are not billed."""
     import numpy as np
 
     holes = [(cid, int(d)) for i, cid in enumerate(seen.ids) for j, d in enumerate(seen.D)
@@ -63,7 +63,7 @@ def _warn_incomplete(seen: Any, path: str) -> None:
         where = "; ".join(f"row '{c}' column '{d}'" for c, d in holes[:3]) + (" ..." if len(holes) > 3 else "")
         _say(f"warning: {path}: {len(holes)} loss(es) missing under the budget ({where}); those probes are "
              "skipped and the candidates fitted on the rest", file=sys.stderr)
-    unsized = [cid for cid, s in zip(seen.ids, seen.size) if not np.isfinite(s)]
+    unsized = [cid for cid, s in zip(seen.ids, seen.size) if not np.isfinite(s) and cid not in sized]
     if unsized:
         names = ", ".join(unsized[:3]) + (" ..." if len(unsized) > 3 else "")
         _say(f"warning: {path}: no size for {len(unsized)} candidate(s) ({names}); their probes are not billed "
