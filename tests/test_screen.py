@@ -374,7 +374,8 @@ def test_train_backend_prunes_and_a_stopped_trial_frees_its_workers(tmp_path):
     config = load_config({
         "ray": {"num_cpus": 1, "num_gpus": 0}, "target_samples": 51200,
         "grid": {"start": 200, "max_samples": 3200}, "predictor": {"method": "ats"},
-        "pruning": {"scout": False},  # strong runs to the end first, then weak1 is stopped at its grace
+        # strong runs to the end first, then weak1 is stopped at its grace (top 1: one rival suffices)
+        "pruning": {"scout": False, "top_k": 1},
         "zoo": [{"id": "strong", "model": tiny.format("llama", 2, 64, 40)},
                 {"id": "weak1", "model": tiny.format("gpt2", 1, 16, 0)},
                 {"id": "weak2", "model": tiny.format("opt", 1, 16, 0)}],
