@@ -127,6 +127,15 @@ class Curves:
             )
         return Curves(self.ids, self.D[keep], self.L[:, keep], self.size.copy(), list(self.family), self.name)
 
+    def missing(self) -> dict[str, list[int]]:
+        """Per model id, the sample sizes whose loss is not measured (NaN); complete rows are left out."""
+        out = {}
+        for i, cid in enumerate(self.ids):
+            holes = [int(d) for d in self.D[~np.isfinite(self.L[i])]]
+            if holes:
+                out[cid] = holes
+        return out
+
     def loss_at(self, d: int) -> np.ndarray:
         """Losses of every model at sample size ``d`` (a copy; NaN where not measured).
 

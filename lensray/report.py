@@ -361,8 +361,9 @@ def _plot_ranking(ax: Any, ranking: Sequence[Mapping[str, Any]], colours: list, 
     (the first MAX_RANKED), coloured as in the curves panel; hollow markers for pruned candidates."""
     import matplotlib.ticker
 
-    rows = [(row, colour) for row, colour in zip(ranking, colours)
-            if row.get("predicted_loss") is not None and math.isfinite(float(row["predicted_loss"]))][:MAX_RANKED]
+    predicted = [(row, colour) for row, colour in zip(ranking, colours)
+                 if row.get("predicted_loss") is not None and math.isfinite(float(row["predicted_loss"]))]
+    rows = predicted[:MAX_RANKED]
     if not rows:
         ax.text(0.5, 0.5, "no candidate has a prediction", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
@@ -389,7 +390,7 @@ def _plot_ranking(ax: Any, ranking: Sequence[Mapping[str, Any]], colours: list, 
     ax.yaxis.tick_right()
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.grid(True, axis="x", alpha=0.25)
-    more = len([r for r in ranking if r.get("predicted_loss") is not None]) - len(rows)
+    more = len(predicted) - len(rows)
     ax.set_title(f"predicted loss at D* = {target_samples:,}, ranked" + (f" (first {len(rows)}; {more} more)"
                                                                           if more > 0 else ""), fontsize=9)
     ax.set_xlabel("test loss: square = finished, circle = pruned; line = interval", fontsize=8)

@@ -620,8 +620,8 @@ def replay_gaps(replay: Optional[Curves], grid: list[int]) -> dict[str, set[int]
     """Sizes of ``grid`` at which a replayed candidate has no recorded loss (no probe to replay)."""
     if replay is None:
         return {}
-    cols = [j for j, d in enumerate(replay.D) if int(d) in set(grid)]
-    gaps = {cid: {int(replay.D[j]) for j in cols if not np.isfinite(replay.L[i, j])} for i, cid in enumerate(replay.ids)}
+    sizes = set(grid)
+    gaps = {cid: sizes.intersection(holes) for cid, holes in replay.missing().items()}
     return {cid: g for cid, g in gaps.items() if g}
 
 
@@ -956,7 +956,8 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
     _explain_finishers(config, entries, selected, forecasts_from(curves, pred, config.predictor.level, RELATIVE_PRUNING))
     compute = {"flops_spent": spent, "flops_full_tuning": full, "saved_fraction": 1.0 - spent / full if full > 0 else None,
                "gpu_seconds": gpu_seconds, "wall_seconds": wall_seconds}
-    uncharged = [cid for cid in ids if not sizes[cid] and any(r["candidate"] == cid for r in records)]
+    probed = {r["candidate"] for r in records}
+    uncharged = [cid for cid in ids if not sizes[cid] and cid in probed]
     if uncharged:
         compute["uncharged"] = uncharged  # no parameter count: outside both sides of the bill
     selection = {

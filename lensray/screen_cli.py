@@ -57,8 +57,7 @@ def _warn_incomplete(seen: Any, path: str, sized: set[str]) -> None:
     rows without a size, in the table or in the config's zoo (``sized``): their probes are not billed."""
     import numpy as np
 
-    holes = [(cid, int(d)) for i, cid in enumerate(seen.ids) for j, d in enumerate(seen.D)
-             if not np.isfinite(seen.L[i, j])]
+    holes = [(cid, d) for cid, sizes in seen.missing().items() for d in sizes]
     if holes:
         where = "; ".join(f"row '{c}' column '{d}'" for c, d in holes[:3]) + (" ..." if len(holes) > 3 else "")
         _say(f"warning: {path}: {len(holes)} loss(es) missing under the budget ({where}); those probes are "

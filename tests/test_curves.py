@@ -198,3 +198,9 @@ def test_written_tables_load_back_exactly(tmp_path_factory, n, m, zero, seed):
     np.testing.assert_array_equal(c.D, D)
     np.testing.assert_array_equal(c.L, L)
     np.testing.assert_array_equal(c.size, size)
+
+
+def test_missing_lists_the_unmeasured_sizes_per_row():
+    c = Curves(["a", "b", "c"], [0, 200, 400, 800],
+               np.array([[4, 3, np.nan, 2], [4, 3, 2.5, 2], [np.nan, 3, 2.5, np.nan]]))
+    assert c.missing() == {"a": [400], "c": [0, 800]}
