@@ -3,6 +3,7 @@
     python benchmarks/replay_scale.py scale [--n 300] [--max-samples 25600] [--tune-loggers] [--marginal] [--no-scout]
     python benchmarks/replay_scale.py tables [--tables ../shared/benchmarks] [--level 0.9] [--marginal] [--no-scout]
     python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2] [--target N] [--subzoo N] [--top-k K] [--grace G]
+    python benchmarks/replay_scale.py known-rivals [--tables ../shared/benchmarks] [--level 0.9] [--top-k K] [--grace G]
 
 ``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
@@ -21,6 +22,14 @@ others have reported so far, which depends on timing. It drives the real schedul
 order) without Ray: ``--concurrent`` trials run at once and, at every step, a random one of
 them reports its next probe. Per cell it prints over ``--seeds`` random orders how often the
 true best was stopped, the saved fraction (mean, min) and the mean RelAcc.
+
+``known-rivals`` judges each candidate as if every rival had already run to the budget: at each
+of its own probe sizes in turn, with the rivals' complete curves in the zoo, it is charged up to
+the first size at which the rule stops it. Per cell it prints that saved fraction, the
+candidates the rule never stops in this state ranked by their share of the bill, and whether it
+would stop the true best. It is not a bound on a real run (there, a candidate judged against
+short rival curves is forecast and calibrated on a different zoo, and may be stopped earlier);
+it shows which candidates no amount of rival information lets the rule stop.
 
 ``--marginal`` prunes on the marginal intervals instead of the intervals of the differences
 (``lensray.screen.RELATIVE_PRUNING = False``), the rule before the zoo-common error was split off.
@@ -244,6 +253,48 @@ def orderings(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def known_rivals(args: argparse.Namespace) -> list[dict]:
+    from lensray.scheduler import prune_decision
+    from lensray.screen import zoo_forecaster
+
+    _pruning_mode(args)
+    rows = []
+    for table in ("flan", "wmt19"):
+        for r in RATIOS:
+            config, curves = _replay_config(Path(args.tables) / f"{table}.csv", Path(tempfile.gettempdir()) / "unused",
+                                            TARGET // r)
+            top_k = args.top_k or config.pruning.top_k
+            grace = args.grace or config.pruning.grace_points
+            level = config.predictor.level if args.level is None else args.level
+            grid = [int(d) for d in curves.D if d <= TARGET // r]
+            size = dict(zip(curves.ids, curves.size))
+            forecaster = zoo_forecaster(config.predictor.method, level, grid, TARGET, size, {c: None for c in curves.ids})
+            col = {int(d): j for j, d in enumerate(curves.D)}
+            full = {c: {d: float(curves.L[i, col[d]]) for d in grid} for i, c in enumerate(curves.ids)}
+            true = curves.loss_at(TARGET)
+            best = curves.ids[int(np.argmin(true))]
+            spent, kept = {}, []
+            for cid in curves.ids:
+                stop_at = None
+                for d in grid[grace:]:  # the first probe after the grace's points (the grid starts at D = 0)
+                    observed = {**full, cid: {e: v for e, v in full[cid].items() if e <= d}}
+                    fc = forecaster(observed)
+                    if prune_decision(fc[cid], fc.values(), top_k, grace) is not None:
+                        stop_at = d
+                        break
+                spent[cid] = size[cid] * sum(e for e in grid if e <= (stop_at or grid[-1]))
+                if stop_at is None:
+                    kept.append(cid)
+            total = sum(spent.values())
+            share = sorted(((spent[c] / total, c) for c in kept), reverse=True)
+            rows.append({"table": table, "ratio": r, "top_k": top_k, "level": level, "grace": grace,
+                         "saved_known_rivals": round(1 - total / (sum(size.values()) * TARGET), 5),
+                         "never_stopped": len(kept), "best_stoppable": best not in kept,
+                         "largest_kept": ", ".join(f"{c} {s:.0%}" for s, c in share[:3])})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def _print_table(header: dict[str, str], rows: list[dict], footer: str) -> None:
     """A markdown table: ``header`` maps each column's title to a format of one row field (text
     fields left-aligned, numbers right-aligned)."""
@@ -278,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="each order screens a random sub-zoo of this many rows (0: the whole table)")
     o.add_argument("--target", type=int, default=TARGET,
                    help="D* (a smaller one, e.g. 819200, checks safety against a column the defaults were not made on)")
-    for sp in (p, t, o):
+    c = sub.add_parser("known-rivals", help="what the rule stops when every rival has run to the budget (no Ray)")
+    c.add_argument("--tables", default=t.get_default("tables"))
+    c.add_argument("--level", type=float, default=None, help="predictor.level (default: the config's, 0.9)")
+    c.add_argument("--top-k", type=int, default=0, help="pruning.top_k (0: the config default)")
+    c.add_argument("--grace", type=int, default=0, help="pruning.grace_points (0: the config default)")
+    for sp in (p, t, o, c):
         sp.add_argument("--marginal", action="store_true", help="prune on marginal intervals (the earlier rule)")
         sp.add_argument("--no-scout", action="store_true", help="pruning.scout: false (no scout stage)")
     args = parser.parse_args(argv)
@@ -291,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                       "RelAcc (mean)": "{relacc_mean:.1f}"}, rows,
                      f"true best stopped in {sum(r['best_stopped'] for r in rows)} of "
                      f"{sum(r['orders'] for r in rows)} orders ({args.concurrent} trials at once)")
+    elif args.mode == "known-rivals":
+        rows = known_rivals(args)
+        _print_table({"table": "{table}", "r": "{ratio}", "saved": "{saved_known_rivals:.4f}",
+                      "never stopped": "{never_stopped}", "largest of them (share of the bill)": "{largest_kept}",
+                      "true best stoppable": "{best_stoppable}"}, rows,
+                     f"top_k {rows[0]['top_k']}, level {rows[0]['level']}, grace {rows[0]['grace']}")
     else:
         rows = [{**r, "stopped": "YES" if r["best_pruned"] else "no"} for r in tables(args)]
         _print_table({"table": "{table}", "r": "{ratio}", "D_max": "{max_samples}", "selected": "{selected}",

@@ -234,8 +234,9 @@ class CurvePruner(FIFOScheduler):
         Forecasts of candidates that run in no trial (without a forecaster).
     on_stop : callable, optional
         Called with the :class:`Stop` record the moment a candidate is stopped (to persist it).
-    last_size : int, optional
-        The grid's last probe size; reports at it (or beyond) are never stopped.
+    last_size : int or mapping, optional
+        The grid's last probe size, or each candidate's own (id -> size; a replayed curve whose
+        last grid sizes are holes ends earlier); reports at it (or beyond) are never stopped.
     """
 
     def __init__(
@@ -246,7 +247,7 @@ class CurvePruner(FIFOScheduler):
         observed: Mapping[str, Mapping[int, float]] | None = None,
         known: Iterable[Forecast] = (),
         on_stop: Optional[Callable[[Stop], None]] = None,
-        last_size: Optional[int] = None,
+        last_size: int | Mapping[str, int] | None = None,
     ) -> None:
         if top_k < 1 or grace_points < 1:
             raise ValueError("top_k and grace_points must be >= 1")
@@ -291,7 +292,7 @@ class CurvePruner(FIFOScheduler):
         if reported is not None:
             self._latest[cid] = reported
         own = self._refresh(cid)
-        if own is None or (self._last_size is not None and own.n_samples >= self._last_size):
+        if own is None or self._at_last_size(own):
             return TrialScheduler.CONTINUE
         reason = prune_decision(own, self._latest.values(), self._top_k, self._grace)
         if reason is None:
@@ -301,6 +302,13 @@ class CurvePruner(FIFOScheduler):
         if self._on_stop is not None:
             self._on_stop(stop)
         return TrialScheduler.STOP
+
+    def _at_last_size(self, own: Forecast) -> bool:
+        """Whether ``own`` comes from its candidate's last probe (stopping there saves nothing)."""
+        last = self._last_size
+        if isinstance(last, Mapping):
+            last = last.get(own.candidate)
+        return last is not None and own.n_samples >= last
 
     def on_trial_error(self, tune_controller: "TuneController", trial: Trial) -> None:
         cid = str(trial.config.get("candidate"))

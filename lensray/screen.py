@@ -787,8 +787,11 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
 
     if not todo:
         return
+    gaps = replay_gaps(replay, grid)
+    last = {p.candidate.id: max((d for d in grid if d not in gaps.get(p.candidate.id, ())), default=grid[-1])
+            for p in plans}
     scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
-                            observed=ctx.done, on_stop=on_stop, last_size=max(grid))
+                            observed=ctx.done, on_stop=on_stop, last_size=last)
     if backend == "replay":
         trainable = tune.with_resources(tune.with_parameters(replay_trainable, ctx=ctx), {"cpu": 1})
     else:

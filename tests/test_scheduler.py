@@ -106,6 +106,15 @@ def test_report_at_the_last_probe_size_stops_nothing():
     assert sched.stopped == {}
 
 
+def test_a_candidates_own_last_size_stops_nothing():
+    # a replayed curve whose last grid size is a hole ends at 400: its report there is final
+    sched = CurvePruner(known=[fc("done", 1.0, 1.1, points=8)], last_size={"b": 800, "short": 400})
+    short = {**_result("short", 1.5, 1.9), "n_samples": 400}
+    assert sched.on_trial_result(None, None, short) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, None, {**_result("b", 1.5, 1.9), "n_samples": 400}) == TrialScheduler.STOP
+    assert list(sched.stopped) == ["b"]
+
+
 def test_error_split_adds_up_to_the_predictors_interval():
     import numpy as np
     from scipy import stats
