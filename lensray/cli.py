@@ -45,6 +45,8 @@ def _add_screen(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="largest probe size D_max (replay)")
     p.add_argument("--target-samples", type=int, default=None, help="D*: the full fine-tuning data size (replay)")
     p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the run would probe and its worst-case compute, then exit (no Ray, nothing written)")
     p.set_defaults(func=_lazy("lensray.screen_cli", "cli_main"))
 
 

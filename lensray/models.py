@@ -26,7 +26,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from lensray.errors import LensrayInputError, one_line
 
@@ -176,6 +176,48 @@ def ensure_tiny(model_id: str) -> Path:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def parameter_counts(candidates: list[tuple[str, bool]]) -> list[Optional[int]]:
+    """Parameters of each ``(model id, trust_remote_code)``, counted from its config alone.
+
+    The model is built on the meta device: no weights are read or fetched. Tiny ids are counted
+    from their spec, local folders from their ``config.json``, hub ids from the hub's config (or
+    the local cache when the hub is unreachable). None where no config can be had; the count is
+    the probe's own (``sum(p.numel() for p in model.parameters())``, tied weights once).
+    """
+    local_only: Optional[bool] = None
+    out: list[Optional[int]] = []
+    for model_id, trust in candidates:
+        path = Path(os.path.expanduser(model_id))
+        if not model_id.startswith("tiny:") and not path.is_dir() and local_only is None and _HUB_ID.match(model_id):
+            local_only = hub_offline()  # once, at the first hub id
+        out.append(_count_parameters(model_id, trust, bool(local_only)))
+    return out
+
+
+def _count_parameters(model_id: str, trust_remote_code: bool, local_only: bool) -> Optional[int]:
+    import torch
+    import transformers
+
+    try:
+        if model_id.startswith("tiny:"):
+            family, opts = parse_tiny_id(model_id)
+            for key in ("seed", "pretrain"):
+                opts.pop(key, None)
+            config = _tiny_config(family, opts, char_tokenizer(), model_id)
+        else:
+            path = Path(os.path.expanduser(model_id))
+            source = str(path) if path.is_dir() else model_id
+            config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                             local_files_only=local_only)
+        auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
+        with torch.device("meta"):
+            model = auto.from_config(config, trust_remote_code=trust_remote_code)
+        return int(sum(p.numel() for p in model.parameters()))
+    except Exception as exc:  # noqa: BLE001 - any unreadable config leaves the size unknown
+        log.debug("no parameter count for %s: %s", model_id, one_line(exc))
+        return None
 
 
 # --------------------------------------------------------------------------- resolving ids

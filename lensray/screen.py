@@ -690,6 +690,53 @@ def screen(
     return finish(config, store, grid, backend, replay, time.perf_counter() - t0)
 
 
+def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[Curves] = None) -> dict[str, Any]:
+    """What a run would do, before any Ray work and without writing anything.
+
+    Per candidate: the probes already in the store (a resumed run), the probes still to run and
+    their worst-case FLOPs (6 * size * tokens per sample * D summed over them: no candidate
+    pruned), with tokens per sample measured by the stored probes, else ``tokens_per_sample``.
+    A size not in the config (or the replayed table) is counted from the model's config
+    (:func:`lensray.models.parameter_counts`, no weights loaded); candidates whose config cannot
+    be had are listed, not billed.
+
+    Returns
+    -------
+    dict
+        ``{"grid", "target", "candidates": [{"candidate", "size", "stored", "todo", "pruned",
+        "flops_todo"}], "assumed_tokens_per_sample" (None for a replay, billed at it exactly),
+        "flops_todo", "flops_stored", "flops_full_tuning", "unsized"}``.
+    """
+    store = ProbeStore(out or config.storage.path, check=False)
+    grid = _grid(config, replay)
+    plans = make_plan(config, store, grid, replay_gaps(replay, grid))
+    info = _candidate_info(config, replay)
+    if replay is None:
+        from lensray.models import parameter_counts
+
+        unknown = [c for c in config.zoo if info[c.id]["size"] is None]
+        for c, n in zip(unknown, parameter_counts([(c.source, c.trust_remote_code) for c in unknown])):
+            info[c.id]["size"] = None if n is None else float(n)
+    records = store.get_all()
+    rows, unsized = [], []
+    for p in plans:
+        cid, size = p.candidate.id, info[p.candidate.id]["size"]
+        mine = [r for r in records if r.get("candidate") == cid]
+        todo = p.todo if p.needs_trial else []
+        tokens = _tokens_per_sample(mine, config.tokens_per_sample)
+        rows.append({"candidate": cid, "size": size, "stored": sorted(p.done), "todo": todo,
+                     "pruned": bool(p.decision), "flops_todo": 6.0 * size * tokens * sum(todo) if size else None})
+        if not size:
+            unsized.append(cid)
+    return {
+        "grid": grid, "target": config.target_samples, "candidates": rows,
+        "assumed_tokens_per_sample": None if replay is not None else config.tokens_per_sample, "unsized": unsized,
+        "flops_todo": sum(r["flops_todo"] or 0.0 for r in rows),
+        "flops_stored": sum(float(r.get("flops") or 0.0) for r in records),
+        "flops_full_tuning": _full_tuning(config, info, records),
+    }
+
+
 def _candidate_info(config: ScreenConfig, replay: Optional[Curves]) -> dict[str, dict[str, Any]]:
     info = {}
     sizes = dict(zip(replay.ids, replay.size)) if replay is not None else {}

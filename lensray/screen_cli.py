@@ -4,6 +4,7 @@ Two forms::
 
     lensray screen CONFIG.yaml [--out DIR] [--resume] [--address ADDR]
     lensray screen --replay CURVES.csv --max-samples N --target-samples N [--out DIR] [--resume]
+    lensray screen ... --plan     # what it would probe and its worst-case compute; no Ray, nothing written
 
 Exit code 0 when a candidate was selected (a warning line names failed candidates), 1 when every
 candidate failed, 2 for bad input (raised as LensrayInputError, printed by ``lensray.cli``).
@@ -99,10 +100,38 @@ def cli_main(args: argparse.Namespace) -> int:
         config, curves, backend = load_config(args.config, overrides), None, "train"
         check_file_task(config)
 
+    if getattr(args, "plan", False):
+        from lensray.screen import plan_bill
+
+        return print_plan(plan_bill(config, replay=curves))
+
     from lensray.screen import screen
 
     selection = screen(config, resume=args.resume, backend=backend, replay=curves)
     return summarise(selection, config.storage.path)
+
+
+def print_plan(plan: dict, stream=sys.stdout) -> int:
+    """Print what a run would probe and its worst-case compute (``lensray.screen.plan_bill``); returns 0."""
+    grid = ", ".join(f"{d:,}" for d in plan["grid"])
+    _say(f"grid: {grid} (D* = {plan['target']:,})", file=stream)
+    _say(f"{'candidate':32s} {'params':>10s} {'stored':>6s} {'to run':>6s} {'FLOPs to run':>13s}", file=stream)
+    for r in plan["candidates"]:
+        size = f"{r['size']:.3g}" if r["size"] else "unknown"
+        flops = "pruned" if r["pruned"] else ("-" if r["flops_todo"] is None else f"{r['flops_todo']:.3g}")
+        _say(f"{r['candidate'][:32]:32s} {size:>10s} {len(r['stored']):6d} {len(r['todo']):6d} {flops:>13s}",
+             file=stream)
+    full = plan["flops_full_tuning"]
+    share = f" ({100 * (plan['flops_todo'] + plan['flops_stored']) / full:.2f}% of full tuning)" if full else ""
+    _say(f"worst case, nobody pruned: {plan['flops_todo']:.3g} FLOPs to run + {plan['flops_stored']:.3g} stored"
+         f"{share}; full tuning {full:.3g} FLOPs", file=stream)
+    if plan["assumed_tokens_per_sample"] is not None:
+        _say(f"probes not run yet are estimated at tokens_per_sample = {plan['assumed_tokens_per_sample']:g} tokens per "
+             "sample (or the stored probes' own); a run bills the tokens it trains on", file=stream)
+    if plan["unsized"]:
+        _say(f"not billed (no size, and no model config to count it from): {', '.join(plan['unsized'])}",
+             file=stream)
+    return 0
 
 
 def check_file_task(config: Any) -> None:

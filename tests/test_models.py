@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lensray.errors import LensrayInputError
-from lensray.models import load_candidate, parse_tiny_id
+from lensray.models import load_candidate, parameter_counts, parse_tiny_id
 
 
 @pytest.fixture(autouse=True)
@@ -157,3 +157,15 @@ def test_cached_hub_id_loads_offline_through_the_hub_path(monkeypatch, tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded, tok2, kind = load_candidate("lensray-test/tiny-gpt2")
     assert kind == "causal" and torch.equal(_logits(model, tok, kind), _logits(loaded, tok2, kind))
+
+
+def test_parameter_counts_from_configs_match_the_loaded_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ids = ["tiny:gpt2:n_layer=1,n_embd=32,pretrain=2", "tiny:t5:n_layer=1,n_embd=32"]
+    model, tok, _ = load_candidate("tiny:opt:n_layer=1,n_embd=32")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    counts = parameter_counts([(i, False) for i in ids] + [(str(tmp_path), False), ("no-such-org/no-model", False)])
+    loaded = [load_candidate(i)[0] for i in ids] + [model]
+    assert counts[:3] == [sum(p.numel() for p in m.parameters()) for m in loaded]
+    assert counts[3] is None  # an uncached hub id with the hub offline: unknown, not an error
