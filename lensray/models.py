@@ -189,26 +189,26 @@ def parameter_counts(candidates: list[tuple[str, bool]]) -> list[Optional[int]]:
     local_only: Optional[bool] = None
     out: list[Optional[int]] = []
     for model_id, trust in candidates:
-        path = Path(os.path.expanduser(model_id))
-        if not model_id.startswith("tiny:") and not path.is_dir() and local_only is None and _HUB_ID.match(model_id):
+        folder = Path(os.path.expanduser(model_id))
+        source = str(folder) if folder.is_dir() else model_id
+        if source == model_id and local_only is None and _HUB_ID.match(model_id) and not model_id.startswith("tiny:"):
             local_only = hub_offline()  # once, at the first hub id
-        out.append(_count_parameters(model_id, trust, bool(local_only)))
+        out.append(_count_parameters(source, trust, bool(local_only)))
     return out
 
 
-def _count_parameters(model_id: str, trust_remote_code: bool, local_only: bool) -> Optional[int]:
+def _count_parameters(source: str, trust_remote_code: bool, local_only: bool) -> Optional[int]:
+    """Parameters of a tiny id, a local folder or a hub id (see :func:`parameter_counts`)."""
     import torch
     import transformers
 
     try:
-        if model_id.startswith("tiny:"):
-            family, opts = parse_tiny_id(model_id)
+        if source.startswith("tiny:"):
+            family, opts = parse_tiny_id(source)
             for key in ("seed", "pretrain"):
                 opts.pop(key, None)
-            config = _tiny_config(family, opts, char_tokenizer(), model_id)
+            config = _tiny_config(family, opts, char_tokenizer(), source)
         else:
-            path = Path(os.path.expanduser(model_id))
-            source = str(path) if path.is_dir() else model_id
             config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
                                                              local_files_only=local_only)
         auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
@@ -216,7 +216,7 @@ def _count_parameters(model_id: str, trust_remote_code: bool, local_only: bool) 
             model = auto.from_config(config, trust_remote_code=trust_remote_code)
         return int(sum(p.numel() for p in model.parameters()))
     except Exception as exc:  # noqa: BLE001 - any unreadable config leaves the size unknown
-        log.debug("no parameter count for %s: %s", model_id, one_line(exc))
+        log.debug("no parameter count for %s: %s", source, one_line(exc))
         return None
 
 

@@ -100,7 +100,7 @@ def cli_main(args: argparse.Namespace) -> int:
         config, curves, backend = load_config(args.config, overrides), None, "train"
         check_file_task(config)
 
-    if getattr(args, "plan", False):
+    if args.plan:
         from lensray.screen import plan_bill
 
         return print_plan(plan_bill(config, replay=curves))
