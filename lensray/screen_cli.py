@@ -111,8 +111,10 @@ def cli_main(args: argparse.Namespace) -> int:
     return summarise(selection, config.storage.path)
 
 
-def print_plan(plan: dict, stream=sys.stdout) -> int:
-    """Print what a run would probe and its worst-case compute (``lensray.screen.plan_bill``); returns 0."""
+def print_plan(plan: dict, stream: Any = None) -> int:
+    """Print what a run would probe and its worst-case compute (``lensray.screen.plan_bill``) on
+    ``stream`` (default: the standard output at call time); returns 0."""
+    stream = sys.stdout if stream is None else stream
     grid = ", ".join(f"{d:,}" for d in plan["grid"])
     _say(f"grid: {grid} (D* = {plan['target']:,})", file=stream)
     _say(f"{'candidate':32s} {'params':>10s} {'stored':>6s} {'to run':>6s} {'FLOPs to run':>13s}", file=stream)
