@@ -212,44 +212,51 @@ def _interleaved(config, curves, grid: list[int], forecaster, seed: int, concurr
     return stopped, observed
 
 
-def orderings(args: argparse.Namespace) -> list[dict]:
-    from lensray.screen import zoo_forecaster
-
+def _cells(args: argparse.Namespace, target: int):
+    """(table, r, config, curves) of each table and budget ratio, as ``lensray screen --replay`` builds
+    them with D* = ``target``, with ``--top-k`` and ``--grace`` applied to the pruning settings."""
     _pruning_mode(args)
-    rows = []
     for table in ("flan", "wmt19"):
         for r in RATIOS:
             config, curves = _replay_config(Path(args.tables) / f"{table}.csv", Path(tempfile.gettempdir()) / "unused",
-                                            args.target // r, target=args.target)
-            config.pruning.scout = not args.no_scout
+                                            target // r, target=target)
             config.pruning.top_k = args.top_k or config.pruning.top_k
             config.pruning.grace_points = args.grace or config.pruning.grace_points
-            grid = [int(d) for d in curves.D if d <= args.target // r]
-            full, forecaster = curves, None
-            t0 = time.perf_counter()
-            hits, saved, acc = 0, [], []
-            for seed in range(args.seeds):
-                if args.subzoo or forecaster is None:  # one forecaster per zoo
-                    if args.subzoo:
-                        pick = np.random.default_rng([seed, r]).choice(len(full), args.subzoo, replace=False)
-                        curves = full.take(np.sort(pick))
-                    true = curves.loss_at(args.target)
-                    best = curves.ids[int(np.argmin(true))]
-                    size = dict(zip(curves.ids, curves.size))
-                    forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, args.target,
-                                                size, {c: None for c in curves.ids})
-                stopped, observed = _interleaved(config, curves, grid, forecaster, seed, args.concurrent)
-                fc = forecaster(observed)
-                chosen = min((c for c in curves.ids if c not in stopped), key=lambda c: fc[c].loss)
-                hits += best in stopped
-                spent = sum(size[c] * sum(pts) for c, pts in observed.items())
-                saved.append(1 - spent / (sum(size.values()) * args.target))
-                acc.append(relacc(true, curves.ids.index(chosen)))
-            rows.append({"table": table, "ratio": r, "orders": args.seeds, "concurrent": args.concurrent,
-                         "best_stopped": hits, "saved_mean": round(float(np.mean(saved)), 5),
-                         "saved_min": round(float(np.min(saved)), 5), "relacc_mean": round(float(np.mean(acc)), 2),
-                         "seconds": round(time.perf_counter() - t0, 1)})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            yield table, r, config, curves
+
+
+def orderings(args: argparse.Namespace) -> list[dict]:
+    from lensray.screen import zoo_forecaster
+
+    rows = []
+    for table, r, config, curves in _cells(args, args.target):
+        config.pruning.scout = not args.no_scout
+        grid = [int(d) for d in curves.D if d <= args.target // r]
+        full, forecaster = curves, None
+        t0 = time.perf_counter()
+        hits, saved, acc = 0, [], []
+        for seed in range(args.seeds):
+            if args.subzoo or forecaster is None:  # one forecaster per zoo
+                if args.subzoo:
+                    pick = np.random.default_rng([seed, r]).choice(len(full), args.subzoo, replace=False)
+                    curves = full.take(np.sort(pick))
+                true = curves.loss_at(args.target)
+                best = curves.ids[int(np.argmin(true))]
+                size = dict(zip(curves.ids, curves.size))
+                forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, args.target,
+                                            size, {c: None for c in curves.ids})
+            stopped, observed = _interleaved(config, curves, grid, forecaster, seed, args.concurrent)
+            fc = forecaster(observed)
+            chosen = min((c for c in curves.ids if c not in stopped), key=lambda c: fc[c].loss)
+            hits += best in stopped
+            spent = sum(size[c] * sum(pts) for c, pts in observed.items())
+            saved.append(1 - spent / (sum(size.values()) * args.target))
+            acc.append(relacc(true, curves.ids.index(chosen)))
+        rows.append({"table": table, "ratio": r, "orders": args.seeds, "concurrent": args.concurrent,
+                     "best_stopped": hits, "saved_mean": round(float(np.mean(saved)), 5),
+                     "saved_min": round(float(np.min(saved)), 5), "relacc_mean": round(float(np.mean(acc)), 2),
+                     "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
@@ -257,41 +264,36 @@ def known_rivals(args: argparse.Namespace) -> list[dict]:
     from lensray.scheduler import prune_decision
     from lensray.screen import zoo_forecaster
 
-    _pruning_mode(args)
     rows = []
-    for table in ("flan", "wmt19"):
-        for r in RATIOS:
-            config, curves = _replay_config(Path(args.tables) / f"{table}.csv", Path(tempfile.gettempdir()) / "unused",
-                                            TARGET // r)
-            top_k = args.top_k or config.pruning.top_k
-            grace = args.grace or config.pruning.grace_points
-            level = config.predictor.level if args.level is None else args.level
-            grid = [int(d) for d in curves.D if d <= TARGET // r]
-            size = dict(zip(curves.ids, curves.size))
-            forecaster = zoo_forecaster(config.predictor.method, level, grid, TARGET, size, {c: None for c in curves.ids})
-            col = {int(d): j for j, d in enumerate(curves.D)}
-            full = {c: {d: float(curves.L[i, col[d]]) for d in grid} for i, c in enumerate(curves.ids)}
-            true = curves.loss_at(TARGET)
-            best = curves.ids[int(np.argmin(true))]
-            spent, kept = {}, []
-            for cid in curves.ids:
-                stop_at = None
-                for d in grid[grace:]:  # the first probe after the grace's points (the grid starts at D = 0)
-                    observed = {**full, cid: {e: v for e, v in full[cid].items() if e <= d}}
-                    fc = forecaster(observed)
-                    if prune_decision(fc[cid], fc.values(), top_k, grace) is not None:
-                        stop_at = d
-                        break
-                spent[cid] = size[cid] * sum(e for e in grid if e <= (stop_at or grid[-1]))
-                if stop_at is None:
-                    kept.append(cid)
-            total = sum(spent.values())
-            share = sorted(((spent[c] / total, c) for c in kept), reverse=True)
-            rows.append({"table": table, "ratio": r, "top_k": top_k, "level": level, "grace": grace,
-                         "saved_known_rivals": round(1 - total / (sum(size.values()) * TARGET), 5),
-                         "never_stopped": len(kept), "best_stoppable": best not in kept,
-                         "largest_kept": ", ".join(f"{c} {s:.0%}" for s, c in share[:3])})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for table, r, config, curves in _cells(args, TARGET):
+        top_k, grace = config.pruning.top_k, config.pruning.grace_points
+        level = config.predictor.level if args.level is None else args.level
+        grid = [int(d) for d in curves.D if d <= TARGET // r]
+        size = dict(zip(curves.ids, curves.size))
+        forecaster = zoo_forecaster(config.predictor.method, level, grid, TARGET, size, {c: None for c in curves.ids})
+        col = {int(d): j for j, d in enumerate(curves.D)}
+        full = {c: {d: float(curves.L[i, col[d]]) for d in grid} for i, c in enumerate(curves.ids)}
+        true = curves.loss_at(TARGET)
+        best = curves.ids[int(np.argmin(true))]
+        spent, kept = {}, []
+        for cid in curves.ids:
+            stop_at = None
+            for d in grid[grace:]:  # the first probe after the grace's points (the grid starts at D = 0)
+                observed = {**full, cid: {e: v for e, v in full[cid].items() if e <= d}}
+                fc = forecaster(observed)
+                if prune_decision(fc[cid], fc.values(), top_k, grace) is not None:
+                    stop_at = d
+                    break
+            spent[cid] = size[cid] * sum(e for e in grid if e <= (stop_at or grid[-1]))
+            if stop_at is None:
+                kept.append(cid)
+        total = sum(spent.values())
+        share = sorted(((spent[c] / total, c) for c in kept), reverse=True)
+        rows.append({"table": table, "ratio": r, "top_k": top_k, "level": level, "grace": grace,
+                     "saved_known_rivals": round(1 - total / (sum(size.values()) * TARGET), 5),
+                     "never_stopped": len(kept), "best_stoppable": best not in kept,
+                     "largest_kept": ", ".join(f"{c} {s:.0%}" for s, c in share[:3])})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
 
