@@ -680,7 +680,7 @@ def screen(
                 plans = make_plan(config, store, grid, gaps)
             plans = [replace(p, todo=[d for d in p.todo if d <= upto]) for p in plans]
             _run_trials(config, store, plans, grid, backend, replay, progress, upto=upto, exclude=failed,
-                        by_forecast=upto == grid[-1] and len(stages) > 1)
+                        by_forecast=upto == grid[-1] and len(stages) > 1, gaps=gaps)
             failed |= {p.candidate.id for p in plans if (read_decision(store, p.candidate.id) or {}).get("status") == "failed"}
     finally:
         if started:
@@ -789,12 +789,14 @@ def trial_order(ids: list[str], info: Mapping[str, dict], forecasts: Optional[Ma
 
 def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePlan], grid: list[int],
                 backend: Backend, replay: Optional[Curves], progress: bool, upto: Optional[int] = None,
-                exclude: frozenset[str] | set[str] = frozenset(), by_forecast: bool = False) -> None:
+                exclude: frozenset[str] | set[str] = frozenset(), by_forecast: bool = False,
+                gaps: Optional[Mapping[str, set[int]]] = None) -> None:
     """Run one Tune trial per candidate that still needs probes up to ``upto`` (decisions go to the store).
 
     ``grid`` is the whole probe grid (the forecasts' columns); trials probe its sizes up to
     ``upto`` (default: all). Candidates in ``exclude`` (failed in an earlier stage) run no trial.
-    With ``by_forecast`` the trials start best predicted first (:func:`trial_order`).
+    With ``by_forecast`` the trials start best predicted first (:func:`trial_order`). ``gaps``
+    (:func:`replay_gaps`): sizes a candidate has no probe for, so its last probe comes earlier.
     """
     import ray
     from ray import tune
@@ -834,7 +836,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
 
     if not todo:
         return
-    gaps = replay_gaps(replay, grid)
+    gaps = gaps or {}
     last = {p.candidate.id: max((d for d in grid if d not in gaps.get(p.candidate.id, ())), default=grid[-1])
             for p in plans}
     scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
