@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lensray.curves import load_curves_csv
-from lensray.laws import LAWS
+from lensray.core.curves import load_curves_csv
+from lensray.core.laws import LAWS
 
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
 TARGET = 1_638_400

@@ -1,6 +1,6 @@
 """Per-rank memory of the probe engine's two strategies: DDP (replicated) vs FSDP2 (sharded).
 
-Spawns ``--world`` gloo processes on CPU (file:// rendezvous, as tests/test_probe.py), loads a
+Spawns ``--world`` gloo processes on CPU (file:// rendezvous, as tests/engine/test_probe.py), loads a
 tiny GPT-2 of a few million parameters once with ``strategy="ddp"`` and once with
 ``strategy="fsdp"``, runs one probe with each, and prints per rank:
 - the bytes of parameter storage the rank holds (a DTensor counts its local shard only),
@@ -30,8 +30,8 @@ TASK = dict(synthetic_rows=800, test_size=64, validation_size=16, max_length=64)
 def _worker(rank: int, world: int, init_file: str, cache: str, out: str, model: str, samples: int) -> None:
     import torch.distributed as dist
 
-    from lensray.data import TaskConfig
-    from lensray.probe import ProbeConfig, ProbeRunner
+    from lensray.engine.data import TaskConfig
+    from lensray.engine.probe import ProbeConfig, ProbeRunner
 
     os.environ["LENSRAY_CACHE"] = cache
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -56,8 +56,8 @@ def _worker(rank: int, world: int, init_file: str, cache: str, out: str, model: 
 def main() -> None:
     import torch.multiprocessing as mp
 
-    from lensray.data import TaskConfig
-    from lensray.probe import ProbeConfig, ProbeRunner
+    from lensray.engine.data import TaskConfig
+    from lensray.engine.probe import ProbeConfig, ProbeRunner
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=MODEL)

@@ -1,6 +1,6 @@
 """Training throughput of the probe engine: tokens/s and model-FLOPs utilisation (MFU).
 
-Runs the real probe training loop (``lensray.probe.ProbeRunner``: AdamW, autocast, gradient
+Runs the real probe training loop (``lensray.engine.probe.ProbeRunner``: AdamW, autocast, gradient
 accumulation, target-only loss) on fixed-length language-modelling rows and reports
 
 - tokens/s: training tokens processed per second of training (evaluation excluded);
@@ -9,7 +9,7 @@ accumulation, target-only loss) on fixed-length language-modelling rows and repo
   GPUs (dense bf16, or fp32 without --bf16), ``--peak-tflops`` when given, and on CPU the
   best fp32 matrix-multiply rate measured on the spot with the same number of threads.
 
-Models: any id that ``lensray.models.load_candidate`` takes (``tiny:gpt2:n_layer=2``, a folder,
+Models: any id that ``lensray.engine.models.load_candidate`` takes (``tiny:gpt2:n_layer=2``, a folder,
 a hub id), or a preset built from config in memory: ``gpt2-125m`` (GPT-2 small shape, 124M)
 and ``llama-1b`` (TinyLlama shape, 1.1B).
 
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from lensray.data import Example, TaskConfig, TaskData
-from lensray.models import char_tokenizer, load_candidate
-from lensray.probe import ProbeConfig, ProbeRunner
+from lensray.engine.data import Example, TaskConfig, TaskData
+from lensray.engine.models import char_tokenizer, load_candidate
+from lensray.engine.probe import ProbeConfig, ProbeRunner
 
 # dense peak FLOP/s per GPU (bf16 tensor cores, fp32 non-tensor), from vendor datasheets
 GPU_PEAKS = {

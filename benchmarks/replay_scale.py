@@ -5,11 +5,11 @@
     python benchmarks/replay_scale.py orderings [--tables ../shared/benchmarks] [--seeds 40] [--concurrent 2] [--target N] [--subzoo N] [--top-k K] [--grace G]
     python benchmarks/replay_scale.py known-rivals [--tables ../shared/benchmarks] [--level 0.9] [--top-k K] [--grace G]
 
-``scale`` replays a synthetic zoo (lensray.synthetic_zoo: rectified-law curves with noise) through
+``scale`` replays a synthetic zoo (lensray.core.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
 the report) and prints the wall time, the driver's peak memory and where the driver's time went
 (zoo forecasts of the scheduler vs the rest). ``--tune-loggers`` turns Tune's per-trial
-JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.screen) to measure them.
+JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.run.screen) to measure them.
 
 ``tables`` replays both shared tables at the seven budget ratios r (max_samples = D*/r) and
 prints, per cell, the selected candidate's RelAcc, the saved compute fraction and whether the
@@ -18,7 +18,7 @@ candidate truly best at D* was stopped (pruning safety, issue 5.8).
 ``orderings`` measures how much those figures depend on the order in which concurrent trials
 report. With several trials at once the scheduler judges each report against whatever the
 others have reported so far, which depends on timing. It drives the real scheduler
-(lensray.scheduler.CurvePruner with lensray.screen's zoo forecaster, scout stages and trial
+(lensray.run.scheduler.CurvePruner with lensray.run.screen's zoo forecaster, scout stages and trial
 order) without Ray: ``--concurrent`` trials run at once and, at every step, a random one of
 them reports its next probe. Per cell it prints over ``--seeds`` random orders how often the
 true best was stopped, the saved fraction (mean, min) and the mean RelAcc.
@@ -32,7 +32,7 @@ short rival curves is forecast and calibrated on a different zoo, and may be sto
 it shows which candidates no amount of rival information lets the rule stop.
 
 ``--marginal`` prunes on the marginal intervals instead of the intervals of the differences
-(``lensray.screen.RELATIVE_PRUNING = False``), the rule before the zoo-common error was split off.
+(``lensray.run.screen.RELATIVE_PRUNING = False``), the rule before the zoo-common error was split off.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lensray.metrics import relacc
+from lensray.core.metrics import relacc
 
 TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
@@ -56,7 +56,7 @@ RATIOS = (8, 16, 32, 64, 128, 256, 512)
 
 def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None,
             scout: bool = True) -> tuple[dict, object]:
-    from lensray.screen import screen
+    from lensray.run.screen import screen
 
     config = None
     lines = ([f"predictor: {{method: lensray, level: {level}}}"] if level is not None else []) + \
@@ -71,7 +71,7 @@ def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None,
 def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None = None,
                    target: int = TARGET) -> tuple:
     """The config and curves of ``lensray screen --replay csv [settings]``, as the CLI builds them."""
-    from lensray.screen_cli import replay_config
+    from lensray.cli.screen import replay_config
 
     args = argparse.Namespace(replay=str(csv), config=None if settings is None else str(settings), out=str(out),
                               address=None, max_samples=max_samples, target_samples=target, resume=False)
@@ -79,8 +79,8 @@ def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None
 
 
 def _timed_forecaster():
-    """Wrap lensray.screen.zoo_forecaster to count the driver's seconds spent in zoo forecasts."""
-    import lensray.screen as screen_mod
+    """Wrap lensray.run.screen.zoo_forecaster to count the driver's seconds spent in zoo forecasts."""
+    import lensray.run.screen as screen_mod
 
     spent = {"seconds": 0.0, "calls": 0}
     original = screen_mod.zoo_forecaster
@@ -103,7 +103,7 @@ def _timed_forecaster():
 
 
 def _pruning_mode(args: argparse.Namespace) -> None:
-    import lensray.screen as screen_mod
+    import lensray.run.screen as screen_mod
 
     screen_mod.RELATIVE_PRUNING = not args.marginal
 
@@ -111,7 +111,7 @@ def _pruning_mode(args: argparse.Namespace) -> None:
 def scale(args: argparse.Namespace) -> dict:
     import ray
 
-    from lensray.synthetic_zoo import synthetic_zoo, write_curves_csv
+    from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
 
     if args.tune_loggers:
         os.environ["LENSRAY_TUNE_LOGGERS"] = "1"
@@ -144,7 +144,7 @@ def scale(args: argparse.Namespace) -> dict:
 def tables(args: argparse.Namespace) -> list[dict]:
     import ray
 
-    from lensray.curves import load_curves_csv
+    from lensray.core.curves import load_curves_csv
 
     _pruning_mode(args)
     rows = []
@@ -179,8 +179,8 @@ def _interleaved(config, curves, grid: list[int], forecaster, seed: int, concurr
     """One screening in a random report order: the stopped candidates and every observed curve."""
     import random
 
-    from lensray.scheduler import CurvePruner, TrialScheduler
-    from lensray.screen import scout_stages, trial_order
+    from lensray.run.scheduler import CurvePruner, TrialScheduler
+    from lensray.run.screen import scout_stages, trial_order
 
     rng = random.Random(seed)
     ids = list(curves.ids)
@@ -226,7 +226,7 @@ def _cells(args: argparse.Namespace, target: int):
 
 
 def orderings(args: argparse.Namespace) -> list[dict]:
-    from lensray.screen import zoo_forecaster
+    from lensray.run.screen import zoo_forecaster
 
     rows = []
     for table, r, config, curves in _cells(args, args.target):
@@ -261,8 +261,8 @@ def orderings(args: argparse.Namespace) -> list[dict]:
 
 
 def known_rivals(args: argparse.Namespace) -> list[dict]:
-    from lensray.scheduler import prune_decision
-    from lensray.screen import zoo_forecaster
+    from lensray.core.forecast import prune_decision
+    from lensray.run.screen import zoo_forecaster
 
     rows = []
     for table, r, config, curves in _cells(args, TARGET):

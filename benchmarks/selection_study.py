@@ -10,12 +10,12 @@ Prints
    lensray's 90 % interval coverage;
 2. validation suites that do not use the D* = 1,638,400 column: pseudo-protocols on the same
    tables with nearer targets (819,200 with r = 8..256, 409,600 with r = 8..128: a method still
-   sees D <= target / r only), synthetic zoos of :mod:`lensray.synthetic_zoo` (rectified-law
+   sees D <= target / r only), synthetic zoos of :mod:`lensray.core.synthetic_zoo` (rectified-law
    curves, 30 candidates, 8 seeds each at noise 0.01 and 0.02) and random sub-zoos of the
    tables (6 draws of 15 and of 10 candidates per table: robustness to the zoo's make-up);
 3. the RelAcc ceiling of "knowing the loss at D exactly": RelAcc of picking the best measured
    loss at each D up to D*/2 (evidence for what the RelAcc target demands);
-4. for each knob of :class:`lensray.selection.LensraySelector` varied alone around its
+4. for each knob of :class:`lensray.core.selection.LensraySelector` varied alone around its
    default: mean PearCorr gain over AtS / worst cell, RelAcc and coverage on every suite. A
    knob is only worth its default when the gain is a plateau on every suite, not a peak on one.
 
@@ -63,11 +63,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lensray.benchmark import run_benchmark
-from lensray.curves import Curves, load_curves_csv
-from lensray.metrics import relacc
-from lensray.selection import AtSSelector, LensraySelector
-from lensray.synthetic_zoo import synthetic_zoo
+from lensray.run.benchmark import run_benchmark
+from lensray.core.curves import Curves, load_curves_csv
+from lensray.core.metrics import relacc
+from lensray.core.selection import AtSSelector, LensraySelector
+from lensray.core.synthetic_zoo import synthetic_zoo
 
 TARGET = 1_638_400
 RATIOS = [8, 16, 32, 64, 128, 256, 512]

@@ -14,7 +14,7 @@ import sys
 
 def main(argv: list[str]) -> int:
     """Run ``lensray screen`` with ``argv``, on the cluster when RAY_ADDRESS is set."""
-    from lensray.cli import main as lensray_main
+    from lensray.cli.main import main as lensray_main
 
     args = ["screen", *argv]
     if os.environ.get("RAY_ADDRESS") and "--address" not in args:

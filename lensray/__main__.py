@@ -1,3 +1,3 @@
-from lensray.cli import main
+from lensray.cli.main import main
 
 raise SystemExit(main())

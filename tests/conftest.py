@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _restore_log_record_factory():
-    """``lensray screen`` installs log redaction process-wide (lensray.store); undo it after each test."""
+    """``lensray screen`` installs log redaction process-wide (lensray.run.store); undo it after each test."""
     previous = logging.getLogRecordFactory()
     yield
     logging.setLogRecordFactory(previous)

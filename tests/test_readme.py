@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from lensray.config import config_reference
+from lensray.run.config import config_reference
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -11,7 +11,7 @@ def test_readme_config_reference_is_current():
     start = text.index("\n", start) + 1
     end = text.index("<!-- config-reference:end -->")
     assert text[start:end].strip() == config_reference().strip(), (
-        "README config reference is stale: regenerate it from lensray.config.config_reference()"
+        "README config reference is stale: regenerate it from lensray.run.config.config_reference()"
     )
 
 

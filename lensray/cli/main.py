@@ -1,0 +1,86 @@
+"""Command-line entry point: ``lensray <command>`` (also ``python -m lensray``).
+
+Each command's arguments are declared here; its work lives in the module that owns it,
+imported lazily so that ``lensray benchmark`` never imports torch or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from lensray.errors import LensrayInputError, one_line
+
+
+def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("benchmark", help="reproduce the papers' selection protocol on a curves table")
+    p.add_argument("--curves", required=True, help="CSV table of fine-tuning curves (models x D)")
+    p.add_argument("--ratios", default="8,16,32,64,128,256,512", help="budget ratios r: a method sees D <= target/r")
+    p.add_argument("--methods", default=None, help="comma-separated selection methods (default: all)")
+    p.add_argument("--target", type=int, default=1_638_400, help="D*: the data size whose loss is predicted")
+    p.add_argument("--out", default=None, help="folder for benchmark.md, benchmark.json and a plot")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_lazy("lensray.run.benchmark", "cli_main"))
+
+
+def _add_probe(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probe", help="fine-tune one candidate on nested subsets and print its curve")
+    p.add_argument("--model", required=True, help="hub id or local folder of the candidate")
+    p.add_argument("--task", default="synthetic", help="task YAML file, or 'synthetic' for the built-in task")
+    p.add_argument("--sizes", default="0,200,400,800", help="comma-separated subset sizes (0 = zero-shot)")
+    p.add_argument("--ntk", action="store_true", help="also compute the NTK features")
+    p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto'")
+    p.add_argument("--seed", type=int, default=0, help="random seed (subsets, init of heads, data order)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_lazy("lensray.cli.probe", "cli_main"))
+
+
+def _add_screen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("screen", help="screen a zoo of candidates on Ray and select the best one")
+    p.add_argument("config", nargs="?", default=None, help="screening config YAML")
+    p.add_argument("--out", default=None, help="output folder or URI (overrides storage.path)")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in the same output")
+    p.add_argument("--replay", default=None, help="curves CSV: replay recorded curves instead of fine-tuning")
+    p.add_argument("--max-samples", type=int, default=None, help="largest probe size D_max (replay)")
+    p.add_argument("--target-samples", type=int, default=None, help="D*: the full fine-tuning data size (replay)")
+    p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
+    p.add_argument("--plan", action="store_true",
+                   help="print what the run would probe and its worst-case compute, then exit (no Ray, nothing written)")
+    p.set_defaults(func=_lazy("lensray.cli.screen", "cli_main"))
+
+
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return importlib.import_module(module).__dict__[name](args)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lensray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_benchmark, _add_probe, _add_screen):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LensrayInputError as exc:
+        from lensray.redact import redact
+
+        msg = redact(one_line(exc))
+        print(f"error: {msg}", file=sys.stderr)
+        return LensrayInputError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: completed probes are saved; rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

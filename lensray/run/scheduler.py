@@ -1,0 +1,166 @@
+"""Ray Tune adapter of :func:`lensray.core.forecast.prune_decision`: a STOP-only scheduler."""
+
+from __future__ import annotations
+
+import pickle
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional
+
+from lensray.core.forecast import Forecast, Stop, prune_decision
+from ray.tune.experiment import Trial
+from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
+
+if TYPE_CHECKING:
+    from ray.tune.execution.tune_controller import TuneController
+
+TIME_ATTR = "n_samples"
+"""Tune's time attribute: the size of the candidate's latest probe."""
+
+
+def forecast_from_result(result: Mapping) -> Optional[Forecast]:
+    """Read a :class:`Forecast` from a reported result; None when the keys are absent."""
+    try:
+        return Forecast(
+            candidate=str(result["candidate"]),
+            n_samples=int(result[TIME_ATTR]),
+            points=int(result["points"]),
+            loss=float(result["predicted_loss"]),
+            lo=float(result["pred_lo"]),
+            hi=float(result["pred_hi"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+Forecaster = Callable[[Mapping[str, Mapping[int, float]]], Mapping[str, Forecast]]
+"""Observed losses of every candidate (id -> {D: loss}) -> a forecast per candidate."""
+
+
+class CurvePruner(FIFOScheduler):
+    """Stops candidates that :func:`prune_decision` rules out of the top-k.
+
+    Each trial is one candidate; it reports after every probe a result with the keys
+    ``candidate``, ``n_samples`` (the time attribute), ``loss`` (the probe's test loss) and its
+    own forecast: ``points`` (observed points with D > 0), ``predicted_loss``, ``pred_lo`` and
+    ``pred_hi`` (its interval at D*). The scheduler keeps the latest forecast of every
+    candidate, finished ones included, and applies :func:`prune_decision` to each new result. A
+    report at ``last_size`` (the candidate's last probe) stops nothing: stopping there saves no
+    compute, the candidate simply finishes and is ranked on its full curve. It only ever returns
+    CONTINUE or STOP, never PAUSE: a paused trial loses its worker group and reloads its
+    weights on resume.
+
+    With a ``forecaster`` the scheduler also keeps every candidate's observed points and, when
+    a candidate past the grace reports, refreshes all forecasts from the whole zoo's curves
+    (predictors that share strength across candidates, and calibrate their intervals on the
+    zoo, need that context; one trial only sees its own curve). Without one it uses the
+    forecasts the trials report.
+
+    Parameters
+    ----------
+    top_k : int
+        How many candidates the rule protects.
+    grace_points : int
+        Observed points (D > 0) before a candidate can be stopped.
+    forecaster : callable, optional
+        Zoo-context forecasts from observed points (see :data:`Forecaster`).
+    observed : mapping, optional
+        Points observed before this run (a resumed run): id -> {D: loss}.
+    known : iterable of Forecast, optional
+        Forecasts of candidates that run in no trial (without a forecaster).
+    on_stop : callable, optional
+        Called with the :class:`Stop` record the moment a candidate is stopped (to persist it).
+    last_size : int or mapping, optional
+        The grid's last probe size, or each candidate's own (id -> size; a replayed curve whose
+        last grid sizes are holes ends earlier); reports at it (or beyond) are never stopped.
+    """
+
+    def __init__(
+        self,
+        top_k: int = 1,
+        grace_points: int = 3,
+        forecaster: Optional[Forecaster] = None,
+        observed: Mapping[str, Mapping[int, float]] | None = None,
+        known: Iterable[Forecast] = (),
+        on_stop: Optional[Callable[[Stop], None]] = None,
+        last_size: int | Mapping[str, int] | None = None,
+    ) -> None:
+        if top_k < 1 or grace_points < 1:
+            raise ValueError("top_k and grace_points must be >= 1")
+        super().__init__()
+        self._top_k = top_k
+        self._grace = grace_points
+        self._forecaster = forecaster
+        self._observed: dict[str, dict[int, float]] = {c: dict(p) for c, p in (observed or {}).items()}
+        self._latest: dict[str, Forecast] = {f.candidate: f for f in known}
+        self._on_stop = on_stop
+        self._last_size = last_size
+        self.stopped: dict[str, Stop] = {}
+        self._metric = "predicted_loss"
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
+        """Accept Tune's metric/mode only when they agree with the scheduler's (loss, min)."""
+        return metric in (None, self._metric) and mode in (None, "min")
+
+    @property
+    def forecasts(self) -> dict[str, Forecast]:
+        """Latest forecast per candidate."""
+        return dict(self._latest)
+
+    def _refresh(self, candidate: str) -> Optional[Forecast]:
+        """Zoo-context forecasts, when the reporting candidate is past the grace."""
+        points = sum(1 for d in self._observed.get(candidate, {}) if d > 0)
+        if self._forecaster is None or points < self._grace:
+            return self._latest.get(candidate)
+        self._latest.update(self._forecaster(self._observed))
+        return self._latest.get(candidate)
+
+    def on_trial_result(self, tune_controller: "TuneController", trial: Trial, result: dict) -> str:
+        cid = str(result.get("candidate"))
+        if result.get("failed"):
+            # a failed candidate is no rival: its forecast must not stop the others
+            self._latest.pop(cid, None)
+            self._observed.pop(cid, None)
+            return TrialScheduler.CONTINUE
+        if TIME_ATTR in result and result.get("loss") is not None:
+            self._observed.setdefault(cid, {})[int(result[TIME_ATTR])] = float(result["loss"])
+        reported = forecast_from_result(result)
+        if reported is not None:
+            self._latest[cid] = reported
+        own = self._refresh(cid)
+        if own is None or self._at_last_size(own):
+            return TrialScheduler.CONTINUE
+        reason = prune_decision(own, self._latest.values(), self._top_k, self._grace)
+        if reason is None:
+            return TrialScheduler.CONTINUE
+        stop = Stop(cid, own.n_samples, reason)
+        self.stopped[cid] = stop
+        if self._on_stop is not None:
+            self._on_stop(stop)
+        return TrialScheduler.STOP
+
+    def _at_last_size(self, own: Forecast) -> bool:
+        """Whether ``own`` comes from its candidate's last probe (stopping there saves nothing)."""
+        last = self._last_size
+        if isinstance(last, Mapping):
+            last = last.get(own.candidate)
+        return last is not None and own.n_samples >= last
+
+    def on_trial_error(self, tune_controller: "TuneController", trial: Trial) -> None:
+        cid = str(trial.config.get("candidate"))
+        self._latest.pop(cid, None)
+        self._observed.pop(cid, None)
+
+    def debug_string(self) -> str:
+        return (
+            f"CurvePruner(top_k={self._top_k}, grace_points={self._grace}): "
+            f"{len(self.stopped)} stopped of {len(self._latest)} with forecasts"
+        )
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {"latest": self._latest, "observed": self._observed, "stopped": self.stopped}
+        with open(checkpoint_path, "wb") as fh:
+            pickle.dump(state, fh)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as fh:
+            state = pickle.load(fh)
+        self._latest, self._observed, self.stopped = state["latest"], state["observed"], state["stopped"]

@@ -1,0 +1,66 @@
+import subprocess
+import sys
+
+from lensray.cli.main import build_parser, main
+from lensray.errors import LensrayInputError
+
+
+def test_parser_knows_every_command():
+    parser = build_parser()
+    for cmd in (["benchmark", "--curves", "x.csv"], ["probe", "--model", "m"], ["screen", "c.yaml"]):
+        assert parser.parse_args(cmd).command == cmd[0]
+
+
+def test_input_error_is_one_line_and_exit_2(capsys, monkeypatch):
+    def boom(args):
+        raise LensrayInputError("column 'size': row 3 is not a number\nsecond line")
+
+    parser = build_parser()
+    monkeypatch.setattr("lensray.cli.main.build_parser", lambda: parser)
+    for action in parser._subparsers._group_actions[0].choices.values():
+        action.set_defaults(func=boom)
+    assert main(["benchmark", "--curves", "x.csv"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: column 'size': row 3 is not a number second line"
+    assert "Traceback" not in err
+
+
+def test_python_m_lensray_help():
+    res = subprocess.run([sys.executable, "-m", "lensray", "--help"], capture_output=True, text=True)
+    assert res.returncode == 0
+    assert "benchmark" in res.stdout and "screen" in res.stdout
+
+
+def test_input_error_line_never_shows_a_secret(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", "hf_cli_secret_value_123")
+    missing = tmp_path / "hf_cli_secret_value_123.csv"
+    assert main(["benchmark", "--curves", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "hf_cli_secret_value_123" not in err
+
+
+def test_screen_plan_prints_the_worst_case_bill_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
+
+    monkeypatch.setenv("LENSRAY_CACHE", str(tmp_path / "cache"))
+    zoo = synthetic_zoo(4, seed=1)
+    csv = write_curves_csv(zoo, tmp_path / "zoo.csv")
+    out = tmp_path / "out"
+    assert main(["screen", "--replay", str(csv), "--max-samples", "3200", "--plan", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    grid = [d for d in zoo.D if 0 < d <= 3200]
+    worst = sum(6 * s * 35 * sum(grid) for s in zoo.size)
+    full = sum(6 * s * 35 * 1_638_400 for s in zoo.size)
+    assert f"worst case, nobody pruned: {worst:.3g} FLOPs to run" in text
+    assert f"({100 * worst / full:.2f}% of full tuning)" in text
+    assert all(cid[:32] in text for cid in zoo.ids)
+    assert not out.exists()  # a plan starts no Ray and writes nothing
+
+    config = tmp_path / "zoo.yaml"
+    config.write_text("zoo:\n  - {id: a, model: 'tiny:gpt2:n_layer=1,n_embd=32'}\n  - {id: b, model: 'no-such-org/x'}\n"
+                      "grid: {max_samples: 800}\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["screen", str(config), "--plan", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "not billed (no size, and no model config to count it from): b" in text
+    assert not out.exists()

@@ -1,0 +1,147 @@
+"""Injected faults: a driver SIGKILLed mid-run and resumed, a candidate that cannot be loaded,
+a Ray Train worker killed mid-run. Each screening runs in a subprocess with its own local Ray,
+so that the test can kill it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lensray.run.store import ProbeStore, candidate_key
+from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
+
+pytestmark = pytest.mark.slow
+TARGET = 1_638_400
+GOOD_MODEL = "tiny:gpt2:n_layer=2,n_embd=64,pretrain=10"
+TASK = {"source": "synthetic", "max_length": 64, "test_size": 64, "validation_size": 16}
+PROBE = {"learning_rate": 1.0e-3, "epochs": 1, "micro_batch": 16, "device": "cpu", "eval_batch": 64}
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as fh:
+        return subprocess.Popen([sys.executable, "-m", "lensray", "screen", *args], stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in (out / "probes").rglob("*.json")}
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the screening ended before the fault could be injected"
+        assert time.monotonic() < end, "timed out waiting to inject the fault"
+        time.sleep(0.02)
+
+
+def test_driver_killed_then_resumed_repeats_and_loses_nothing(tmp_path):
+    csv = write_curves_csv(synthetic_zoo(30, seed=11), tmp_path / "zoo.csv")
+    common = ["--replay", str(csv), "--max-samples", "6400", "--target-samples", str(TARGET)]
+    ref = _start([*common, "--out", str(tmp_path / "ref")], tmp_path / "ref.log")
+    assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()
+
+    out = tmp_path / "run"
+    proc = _start([*common, "--out", str(out)], tmp_path / "run.log")
+    _wait_for(lambda: (out / "probes").is_dir() and sum(1 for _ in (out / "probes").rglob("*.json")) >= 25, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "selection.json").exists()  # killed mid-run
+    before = _files(out)
+
+    resumed = _start([*common, "--out", str(out), "--resume"], tmp_path / "resume.log")
+    assert resumed.wait(timeout=300) == 0, (tmp_path / "resume.log").read_text()
+    after = _files(out)
+    assert all(after[name] == data for name, data in before.items())  # no probe repeated, none lost
+    selection = json.loads((out / "selection.json").read_text())
+    reference = json.loads((tmp_path / "ref" / "selection.json").read_text())
+    assert selection["selected"] == reference["selected"]
+    grid = [0, 200, 400, 800, 1600, 3200, 6400]
+    records = ProbeStore(str(out)).get_all()
+    for e in selection["ranking"]:
+        sizes = sorted(r["n_samples"] for r in records if r["candidate"] == e["candidate"])
+        assert sizes == grid[: len(sizes)]
+        assert e["status"] in ("finished", "pruned") and (e["status"] == "pruned" or sizes == grid)
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory):
+    """One train-backend screening: a candidate that cannot load, and a worker killed mid-run."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("faults")
+    config = {
+        "name": "faults", "ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
+        "grid": {"start": 200, "factor": 2, "max_samples": 1600, "zero_shot": True},
+        "zoo": [{"id": "good", "model": GOOD_MODEL}, {"id": "missing", "model": str(tmp / "no-such-model")}],
+        "task": TASK, "probe": PROBE, "pruning": {"enabled": False},
+    }
+    (tmp / "faults.yaml").write_text(yaml.safe_dump(config))
+    out = tmp / "out"
+    proc = _start([str(tmp / "faults.yaml"), "--out", str(out)], tmp / "run.log")
+    first = out / "probes" / candidate_key("good") / "200.json"
+    _wait_for(first.exists, proc)
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    before = _files(out)
+    for worker in workers:
+        worker.kill()
+    code = proc.wait(timeout=400)
+    return {"code": code, "log": (tmp / "run.log").read_text(), "out": out, "before": before,
+            "killed": len(workers), "config": config}
+
+
+def test_unloadable_candidate_fails_and_the_others_finish(faulty_run):
+    assert faulty_run["code"] == 0, faulty_run["log"]
+    selection = json.loads((faulty_run["out"] / "selection.json").read_text())
+    rows = {e["candidate"]: e for e in selection["ranking"]}
+    assert rows["missing"]["status"] == "failed" and "could not load" in rows["missing"]["error"]
+    assert rows["good"]["status"] == "finished" and selection["selected"] == "good"
+    assert "warning: candidate missing failed" in faulty_run["log"]
+    assert "could not load" in (faulty_run["out"] / "report.md").read_text()
+
+
+def test_killed_worker_is_retried_without_repeating_probes(faulty_run):
+    from lensray.engine.data import TaskConfig
+    from lensray.engine.probe import ProbeConfig, ProbeRunner
+
+    assert faulty_run["killed"] >= 1
+    after = _files(faulty_run["out"])
+    assert all(after[name] == data for name, data in faulty_run["before"].items())
+    records = {r["n_samples"]: r for r in ProbeStore(str(faulty_run["out"])).get_all() if r["candidate"] == "good"}
+    assert sorted(records) == [0, 200, 400, 800, 1600]
+    # the same losses as an undisturbed run with the same seed
+    runner = ProbeRunner(GOOD_MODEL, TaskConfig(**TASK), ProbeConfig(**PROBE))
+    for d in (400, 1600):
+        assert runner.run(d).test_loss == pytest.approx(records[d]["test_loss"], rel=1e-6)
+
+
+def test_diverging_probes_fail_their_candidates_and_exit_nonzero_when_all_fail(tmp_path):
+    import yaml
+
+    config = {
+        "ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
+        "grid": {"start": 200, "factor": 2, "max_samples": 800, "zero_shot": True},
+        "zoo": [{"id": "a", "model": GOOD_MODEL}, {"id": "b", "model": GOOD_MODEL.replace("n_embd=64", "n_embd=32")}],
+        "task": TASK, "probe": PROBE, "pruning": {"enabled": False},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    env = {**os.environ, "LENSRAY_FAULTS": "nan_at_step=1"}  # every attempt of every probe diverges
+    done = subprocess.run([sys.executable, "-m", "lensray", "screen", str(tmp_path / "c.yaml"), "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "every candidate failed" in done.stderr
+    selection = json.loads((out / "selection.json").read_text())
+    for row in selection["ranking"]:
+        assert row["status"] == "failed" and "D=200 diverged" in row["error"] and "learning rate" in row["error"]
+    stored = ProbeStore(str(out)).get_all()
+    assert sorted(r["n_samples"] for r in stored) == [0, 0]  # zero-shot kept; no diverged probe stored as a result
