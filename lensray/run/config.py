@@ -25,7 +25,7 @@ from lensray.redact import redact
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 PREDICTORS = tuple(SELECTORS)
 MIN_GRID_POINTS = 3
 MAX_GRID_POINTS = 64
