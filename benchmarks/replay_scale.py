@@ -32,14 +32,13 @@ short rival curves is forecast and calibrated on a different zoo, and may be sto
 it shows which candidates no amount of rival information lets the rule stop.
 
 ``--marginal`` prunes on the marginal intervals instead of the intervals of the differences
-(``lensray.run.screen.RELATIVE_PRUNING = False``), the rule before the zoo-common error was split off.
+(``pruning.relative: false``), the rule before the zoo-common error was split off.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -54,18 +53,21 @@ TARGET = 1_638_400
 RATIOS = (8, 16, 32, 64, 128, 256, 512)
 
 
-def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None,
-            scout: bool = True) -> tuple[dict, object]:
+def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None, scout: bool = True,
+            marginal: bool = False, forecaster=None, tune_loggers: bool = False) -> tuple[dict, object]:
+    from lensray.core.forecast import zoo_forecaster
     from lensray.run.screen import screen
 
     config = None
+    pruning = ([] if scout else ["scout: false"]) + (["relative: false"] if marginal else [])
     lines = ([f"predictor: {{method: lensray, level: {level}}}"] if level is not None else []) + \
-        ([] if scout else ["pruning: {scout: false}"])
+        ([f"pruning: {{{', '.join(pruning)}}}"] if pruning else [])
     if lines:  # settings through a config file, as a user would
         config = out.parent / "settings.yaml"
         config.write_text("\n".join(lines) + "\n")
     config, curves = _replay_config(csv, out, max_samples, config)
-    return screen(config, backend="replay", replay=curves, progress=False), curves
+    return screen(config, backend="replay", replay=curves, progress=False, forecaster=forecaster or zoo_forecaster,
+                  tune_loggers=tune_loggers), curves
 
 
 def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None = None,
@@ -79,14 +81,13 @@ def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None
 
 
 def _timed_forecaster():
-    """Wrap lensray.run.screen.zoo_forecaster to count the driver's seconds spent in zoo forecasts."""
-    import lensray.run.screen as screen_mod
+    """A zoo-forecaster factory for ``screen`` that counts the driver's seconds spent in zoo forecasts."""
+    from lensray.core.forecast import zoo_forecaster
 
     spent = {"seconds": 0.0, "calls": 0}
-    original = screen_mod.zoo_forecaster
 
-    def wrapped(*args, **kwargs):
-        run = original(*args, **kwargs)
+    def factory(*args, **kwargs):
+        run = zoo_forecaster(*args, **kwargs)
 
         def timed(observed):
             t0 = time.perf_counter()
@@ -98,14 +99,7 @@ def _timed_forecaster():
 
         return timed
 
-    screen_mod.zoo_forecaster = wrapped
-    return spent
-
-
-def _pruning_mode(args: argparse.Namespace) -> None:
-    import lensray.run.screen as screen_mod
-
-    screen_mod.RELATIVE_PRUNING = not args.marginal
+    return spent, factory
 
 
 def scale(args: argparse.Namespace) -> dict:
@@ -113,16 +107,14 @@ def scale(args: argparse.Namespace) -> dict:
 
     from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
 
-    if args.tune_loggers:
-        os.environ["LENSRAY_TUNE_LOGGERS"] = "1"
-    _pruning_mode(args)
-    spent = _timed_forecaster()
+    spent, factory = _timed_forecaster()
     with tempfile.TemporaryDirectory() as tmp:
         csv = write_curves_csv(synthetic_zoo(args.n, seed=args.seed), Path(tmp) / "zoo.csv")
         t0 = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         t_init = time.perf_counter() - t0
-        sel, curves = _replay(csv, Path(tmp) / "out", args.max_samples, scout=not args.no_scout)
+        sel, curves = _replay(csv, Path(tmp) / "out", args.max_samples, scout=not args.no_scout,
+                            marginal=args.marginal, forecaster=factory, tune_loggers=args.tune_loggers)
         wall = time.perf_counter() - t0
         ray.shutdown()
     status = [e["status"] for e in sel["ranking"]]
@@ -146,7 +138,6 @@ def tables(args: argparse.Namespace) -> list[dict]:
 
     from lensray.core.curves import load_curves_csv
 
-    _pruning_mode(args)
     rows = []
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
@@ -158,7 +149,7 @@ def tables(args: argparse.Namespace) -> list[dict]:
             for r in RATIOS:
                 with tempfile.TemporaryDirectory() as tmp:
                     t0 = time.perf_counter()
-                    sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r, args.level, not args.no_scout)
+                    sel, _ = _replay(csv, Path(tmp) / "out", TARGET // r, args.level, not args.no_scout, args.marginal)
                     wall = time.perf_counter() - t0
                 rank = {e["candidate"]: e for e in sel["ranking"]}
                 rows.append({
@@ -215,18 +206,18 @@ def _interleaved(config, curves, grid: list[int], forecaster, seed: int, concurr
 def _cells(args: argparse.Namespace, target: int):
     """(table, r, config, curves) of each table and budget ratio, as ``lensray screen --replay`` builds
     them with D* = ``target``, with ``--top-k`` and ``--grace`` applied to the pruning settings."""
-    _pruning_mode(args)
     for table in ("flan", "wmt19"):
         for r in RATIOS:
             config, curves = _replay_config(Path(args.tables) / f"{table}.csv", Path(tempfile.gettempdir()) / "unused",
                                             target // r, target=target)
             config.pruning.top_k = args.top_k or config.pruning.top_k
             config.pruning.grace_points = args.grace or config.pruning.grace_points
+            config.pruning.relative = not getattr(args, "marginal", False)
             yield table, r, config, curves
 
 
 def orderings(args: argparse.Namespace) -> list[dict]:
-    from lensray.run.screen import zoo_forecaster
+    from lensray.core.forecast import zoo_forecaster
 
     rows = []
     for table, r, config, curves in _cells(args, args.target):
@@ -244,7 +235,7 @@ def orderings(args: argparse.Namespace) -> list[dict]:
                 best = curves.ids[int(np.argmin(true))]
                 size = dict(zip(curves.ids, curves.size))
                 forecaster = zoo_forecaster(config.predictor.method, config.predictor.level, grid, args.target,
-                                            size, {c: None for c in curves.ids})
+                                            size, {c: None for c in curves.ids}, config.pruning.relative)
             stopped, observed = _interleaved(config, curves, grid, forecaster, seed, args.concurrent)
             fc = forecaster(observed)
             chosen = min((c for c in curves.ids if c not in stopped), key=lambda c: fc[c].loss)
@@ -262,7 +253,7 @@ def orderings(args: argparse.Namespace) -> list[dict]:
 
 def known_rivals(args: argparse.Namespace) -> list[dict]:
     from lensray.core.forecast import prune_decision
-    from lensray.run.screen import zoo_forecaster
+    from lensray.core.forecast import zoo_forecaster
 
     rows = []
     for table, r, config, curves in _cells(args, TARGET):
@@ -270,7 +261,8 @@ def known_rivals(args: argparse.Namespace) -> list[dict]:
         level = config.predictor.level if args.level is None else args.level
         grid = [int(d) for d in curves.D if d <= TARGET // r]
         size = dict(zip(curves.ids, curves.size))
-        forecaster = zoo_forecaster(config.predictor.method, level, grid, TARGET, size, {c: None for c in curves.ids})
+        forecaster = zoo_forecaster(config.predictor.method, level, grid, TARGET, size, {c: None for c in curves.ids},
+                                    config.pruning.relative)
         col = {int(d): j for j, d in enumerate(curves.D)}
         full = {c: {d: float(curves.L[i, col[d]]) for d in grid} for i, c in enumerate(curves.ids)}
         true = curves.loss_at(TARGET)

@@ -101,7 +101,7 @@ def cli_main(args: argparse.Namespace) -> int:
         check_file_task(config)
 
     if args.plan:
-        from lensray.run.screen import plan_bill
+        from lensray.run.ranking import plan_bill
 
         return print_plan(plan_bill(config, replay=curves))
 

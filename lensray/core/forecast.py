@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import numpy as np
+from scipy import stats
+
+from lensray.core.curves import Curves
+from lensray.core.selection import get_selector
 
 
 @dataclass(frozen=True)
@@ -158,3 +164,54 @@ def prune_decision(
         f"the half-width of the difference, zoo-common error cancelled; or interval ends apart); top-{top_k} of "
         f"them: {notes}"
     )
+
+
+Forecaster = Callable[[Mapping[str, Mapping[int, float]]], Mapping[str, Forecast]]
+"""Observed losses of every candidate (id -> {D: loss}) -> a forecast per candidate."""
+
+
+def zoo_forecaster(method: str, level: float, grid: list[int], target: int, sizes: Mapping[str, Optional[float]],
+                   families: Mapping[str, Optional[str]], relative: bool = True) -> Forecaster:
+    """The scheduler's forecaster: every candidate's points so far, fitted together (zoo context).
+
+    With ``relative`` and the ``lensray`` method, each forecast also carries the zoo-common and
+    own half-widths of its error at ``level``, so :func:`confidently_better` compares two
+    candidates on the interval of their difference; else on their marginal intervals.
+    """
+    selector = get_selector(method, level)
+    split = relative and method == "lensray"
+    D = np.array(grid, dtype=float)
+    col = {d: j for j, d in enumerate(grid)}
+
+    def run(observed: Mapping[str, Mapping[int, float]]) -> dict[str, Forecast]:
+        ids = [cid for cid, pts in observed.items() if pts]
+        if not ids:
+            return {}
+        L = np.full((len(ids), len(grid)), np.nan)
+        for i, cid in enumerate(ids):
+            for d, loss in observed[cid].items():
+                if d in col:
+                    L[i, col[d]] = loss
+        size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
+        curves = Curves(ids, D, L, size, [families.get(c) for c in ids])
+        return forecasts_from(curves, selector.predict(curves, target), level, split)
+
+    return run
+
+
+def forecasts_from(curves: Curves, pred: Any, level: float, split: bool = True) -> dict[str, Forecast]:
+    """A :class:`Forecast` per row of ``curves`` from their prediction ``pred``; with ``split``
+    (and a prediction that carries it: ``lensray``) the zoo-common and own half-widths at ``level``."""
+    n = len(curves)
+    common = own = np.full(n, np.nan)
+    if split and pred.error_split is not None:  # lensray.core.selection.lensray_error_split
+        z = float(stats.norm.ppf(0.5 + level / 2))
+        common, own = (z * v for v in pred.error_split)
+    seen = np.isfinite(curves.L)
+    out = {}
+    for i, cid in enumerate(curves.ids):
+        if seen[i].any():
+            out[cid] = Forecast(cid, int(curves.D[seen[i]].max()), int(np.sum(seen[i] & (curves.D > 0))),
+                                float(pred.loss[i]), float(pred.lo[i]), float(pred.hi[i]), float(common[i]),
+                                float(own[i]))
+    return out

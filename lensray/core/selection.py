@@ -101,11 +101,28 @@ class Prediction:
 
 
 class Selector:
-    """A selection method: ``predict(curves, target)`` scores every row of ``curves``."""
+    """A selection method: ``predict(curves, target)`` scores every row of ``curves``.
+
+    ``level`` is the level of its intervals. Methods compute them at :data:`LEVEL`; another
+    level keeps the centre and scales the half-widths in log space by ``z(level) / z(LEVEL)``
+    (exact for log-normal intervals, a normal approximation for the others).
+    """
 
     name: str = ""
+    level: float = LEVEL
 
     def predict(self, curves: Curves, target: int) -> Prediction:
+        """Score every row of ``curves`` at ``target`` samples, intervals at ``level``."""
+        pred = self._predict(curves, target)
+        scale = float(stats.norm.ppf(0.5 + self.level / 2) / stats.norm.ppf(0.5 + LEVEL / 2))
+        if scale != 1.0:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                log_loss = np.log(pred.loss)
+                pred.lo = np.exp(log_loss - scale * (log_loss - np.log(pred.lo)))
+                pred.hi = np.exp(log_loss + scale * (np.log(pred.hi) - log_loss))
+        return pred
+
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         raise NotImplementedError
 
 
@@ -183,7 +200,7 @@ class ZeroShotSelector(Selector):
 
     name = "zeroshot"
 
-    def predict(self, curves: Curves, target: int) -> Prediction:
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         _check_target(curves, target)
         loss = _column(curves, 0.0, "zero-shot loss")
         errors = [None if np.isfinite(v) else "no zero-shot loss (D = 0)" for v in loss]
@@ -195,7 +212,7 @@ class SubTuningSelector(Selector):
 
     name = "subtuning"
 
-    def predict(self, curves: Curves, target: int) -> Prediction:
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         _check_target(curves, target)
         d_max = float(curves.D.max())
         loss = _column(curves, d_max, "loss at the budget")
@@ -208,7 +225,7 @@ class ModelSizeSelector(Selector):
 
     name = "modelsize"
 
-    def predict(self, curves: Curves, target: int) -> Prediction:
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         _check_target(curves, target)
         size = curves.require_size(self.name)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -229,7 +246,7 @@ class AtSSelector(Selector):
     def __init__(self, k: int = 3, delta: float = 5.0) -> None:
         self.k, self.delta = k, delta
 
-    def predict(self, curves: Curves, target: int) -> Prediction:
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         xt = np.log(_check_target(curves, target))
         n = len(curves)
         loss, lo, hi, params = _nan(n), _nan(n), _nan(n), np.full((n, 2), np.nan)
@@ -261,7 +278,7 @@ class LawSelector(Selector):
 
         return get_law(self.law_name).fit(curves.D, curves.L)
 
-    def predict(self, curves: Curves, target: int) -> Prediction:
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         t = np.array([_check_target(curves, target)])
         law = self._fit(curves)
         with np.errstate(over="ignore", invalid="ignore"):
@@ -497,7 +514,7 @@ class LensraySelector(Selector):
             own[rows] = np.fmax(own[rows], np.sqrt(ss / dof) * small_sample_factor(dof) * g)
         return common, own
 
-    def predict(self, curves: Curves, target: int) -> Prediction:
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         xt = np.log2(_check_target(curves, target))
         n = len(curves)
         x, y, errors = [], [], []
@@ -560,8 +577,8 @@ SELECTORS: dict[str, type[Selector]] = {
 }
 
 
-def get_selector(name: str) -> Selector:
-    """A selector by registry name.
+def get_selector(name: str, level: float = LEVEL) -> Selector:
+    """A selector by registry name, its intervals at ``level``.
 
     Raises
     ------
@@ -569,6 +586,10 @@ def get_selector(name: str) -> Selector:
         For an unknown name.
     """
     try:
-        return SELECTORS[name]()
+        selector = SELECTORS[name]()
     except KeyError:
         raise LensrayInputError(f"method: unknown selection method {name!r} (choose from {', '.join(SELECTORS)})") from None
+    if not 0 < level < 1:
+        raise LensrayInputError(f"level: must lie strictly between 0 and 1, got {level}")
+    selector.level = level
+    return selector

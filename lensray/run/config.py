@@ -107,7 +107,8 @@ class PruningConfig(_Model):
     scout: bool = Field(True, description="first probe every candidate up to the grace, then continue them best "
                         "predicted first: each is judged against the whole zoo's early curves (one more worker-group "
                         "start per candidate)")
-    mode: Literal["stop"] = Field("stop", description="only STOP: a Tune PAUSE reloads weights on resume")
+    relative: bool = Field(True, description="judge two candidates on the interval of their difference, where the "
+                           "zoo-common error cancels (lensray predictor); false: on their marginal intervals")
 
 
 class ScreenConfig(_Model):

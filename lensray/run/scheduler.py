@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional
 
-from lensray.core.forecast import Forecast, Stop, prune_decision
+from lensray.core.forecast import Forecast, Forecaster, Stop, prune_decision
 from ray.tune.experiment import Trial
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
@@ -29,10 +29,6 @@ def forecast_from_result(result: Mapping) -> Optional[Forecast]:
         )
     except (KeyError, TypeError, ValueError):
         return None
-
-
-Forecaster = Callable[[Mapping[str, Mapping[int, float]]], Mapping[str, Forecast]]
-"""Observed losses of every candidate (id -> {D: loss}) -> a forecast per candidate."""
 
 
 class CurvePruner(FIFOScheduler):
@@ -94,11 +90,11 @@ class CurvePruner(FIFOScheduler):
         self._on_stop = on_stop
         self._last_size = last_size
         self.stopped: dict[str, Stop] = {}
-        self._metric = "predicted_loss"
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
-        """Accept Tune's metric/mode only when they agree with the scheduler's (loss, min)."""
-        return metric in (None, self._metric) and mode in (None, "min")
+        """Accept no metric of Tune's: the scheduler reads its own keys, and a failed candidate's
+        report (which has no loss) must not be refused by Tune's metric check."""
+        return metric is None and mode in (None, "min")
 
     @property
     def forecasts(self) -> dict[str, Forecast]:

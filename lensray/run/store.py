@@ -3,6 +3,8 @@
 Layout under the root::
 
     probes/<candidate key>/<n_samples>.json   one probe result, written atomically
+    decisions/<candidate key>.json            a candidate's pruned / failed / retried decision
+    hints/<candidate key>.json                smaller probe settings after an out-of-memory restart
     probes.parquet                            every probe result (rewritten on demand)
     config.yaml, selection.json, report.md, curves.png
 
@@ -24,9 +26,11 @@ import numbers
 import os
 import re
 import shutil
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +40,10 @@ import pyarrow.parquet as pq
 
 from lensray.errors import LensrayInputError, one_line
 from lensray.redact import REDACTED, redact, secret_values
+
+if TYPE_CHECKING:
+    from lensray.core.curves import Curves
+    from lensray.run.config import CandidateConfig, ScreenConfig
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +324,126 @@ def _cell(value: Any) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------------------------------
+# decisions, memory hints and plans: what the store holds besides probe records
+
+DECISIONS_DIR = "decisions"
+
+
+HINTS_DIR = "hints"
+
+
+@dataclass
+class CandidatePlan:
+    """One candidate's state at start: stored probes, decision, sizes still to probe."""
+
+    candidate: CandidateConfig
+    done: dict[int, dict] = field(default_factory=dict)
+    decision: Optional[dict] = None
+    todo: list[int] = field(default_factory=list)
+
+    @property
+    def needs_trial(self) -> bool:
+        """Whether a trial must run: sizes remain and no pruning decision was taken."""
+        return bool(self.todo) and not (self.decision and self.decision.get("status") == "pruned")
+
+
+def decision_name(candidate_id: str) -> str:
+    """Store name of a candidate's pruned/failed decision."""
+    return f"{DECISIONS_DIR}/{candidate_key(candidate_id)}.json"
+
+
+def read_decision(store: ProbeStore, candidate_id: str) -> Optional[dict]:
+    """The stored pruned/failed decision of a candidate, if any."""
+    return _read_candidate_json(store, decision_name(candidate_id), candidate_id, "decision")
+
+
+def _read_candidate_json(store: ProbeStore, name: str, candidate_id: str, what: str) -> Optional[dict]:
+    text = store.read_text(name)
+    if text is None:
+        return None
+    try:
+        record = json.loads(text)
+    except ValueError:
+        log.warning("ignoring unreadable %s of %s", what, candidate_id)
+        return None
+    return record if isinstance(record, dict) and record.get("candidate") == candidate_id else None
+
+
+def memory_hint_name(candidate_id: str) -> str:
+    """Store name of the smaller probe settings a candidate restarts with after running out of
+    memory inside a collective."""
+    return f"{HINTS_DIR}/{candidate_key(candidate_id)}.json"
+
+
+def memory_settings(store: ProbeStore, candidate_id: str, probe: Mapping[str, Any]) -> tuple[dict, Optional[dict]]:
+    """The probe settings to run ``candidate_id`` with, and its stored memory hint (if it applies).
+
+    A hint applies while the configured micro-batch is the one it was derived from (a resume
+    with another ``probe.micro_batch`` starts afresh). Its ``settings`` are None when even
+    micro-batch 1 ran out of memory.
+    """
+    hint = _read_candidate_json(store, memory_hint_name(candidate_id), candidate_id, "memory hint")
+    if hint is None or hint.get("configured_micro_batch") != probe.get("micro_batch"):
+        return dict(probe), None
+    return {**probe, **(hint.get("settings") or {})}, hint
+
+
+def record_collective_oom(store: ProbeStore, candidate_id: str, exc: Any, probe: Mapping[str, Any],
+                          previous: Optional[dict]) -> Optional[dict]:
+    """Persist the smaller settings to restart with after ``exc`` (a ``CollectiveOutOfMemory``).
+
+    The hint keeps the attempts of the probe at ``exc.n_samples`` across restarts, so its
+    record shows every attempt. At micro-batch 1 there is nothing smaller: the hint's
+    ``settings`` are None and the candidate is recorded as failed.
+    """
+    earlier = previous["attempt_log"] if previous and previous.get("n_samples") == exc.n_samples else []
+    smaller = exc.smaller()
+    reason = str(exc) if smaller else f"{exc}; nothing smaller to retry with (lower task.max_length or use strategy fsdp)"
+    hint = {"candidate": candidate_id, "configured_micro_batch": probe.get("micro_batch"), "settings": smaller,
+            "n_samples": exc.n_samples, "attempt_log": earlier + exc.attempt_log, "reason": reason,
+            "time": time.time()}
+    store.write_json(memory_hint_name(candidate_id), hint)
+    if smaller is None:
+        write_decision(store, candidate_id, "failed", exc.n_samples, reason)
+    return hint
+
+
+def write_decision(store: ProbeStore, candidate_id: str, status: str, n_samples: Optional[int], reason: str) -> None:
+    """Persist a candidate's pruned/failed decision (atomic)."""
+    store.write_json(
+        decision_name(candidate_id),
+        {"candidate": candidate_id, "status": status, "n_samples": n_samples, "reason": reason, "time": time.time()},
+    )
+
+
+def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int],
+              gaps: Optional[Mapping[str, set[int]]] = None) -> list[CandidatePlan]:
+    """Read the store: what each candidate has done and what remains (``gaps``: sizes a
+    candidate has no probe for, e.g. a replayed table's missing cells; never to do)."""
+    plans = []
+    for cand in config.zoo:
+        done = {n: r for n, r in store.completed(cand.id).items() if r.get("status", "ok") == "ok"}
+        decision = read_decision(store, cand.id)
+        if decision and decision.get("status") != "pruned":
+            decision = None  # failures are retried on resume
+        skip = (gaps or {}).get(cand.id, set())
+        todo = [d for d in grid if d not in done and d not in skip]
+        plans.append(CandidatePlan(cand, done, decision, todo))
+    return plans
+
+
+def probe_grid(config: ScreenConfig, replay: Optional[Curves]) -> list[int]:
+    """The sizes probed: the config's grid, or a replayed table's sizes up to ``grid.max_samples``."""
+    if replay is None:
+        return config.grid_sizes()
+    return [int(d) for d in replay.D if d <= config.grid.max_samples]
+
+
+def replay_gaps(replay: Optional[Curves], grid: list[int]) -> dict[str, set[int]]:
+    """Sizes of ``grid`` at which a replayed candidate has no recorded loss (no probe to replay)."""
+    if replay is None:
+        return {}
+    sizes = set(grid)
+    gaps = {cid: sizes.intersection(holes) for cid, holes in replay.missing().items()}
+    return {cid: g for cid, g in gaps.items() if g}

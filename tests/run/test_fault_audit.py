@@ -17,7 +17,8 @@ import pytest
 
 from lensray.cli.main import main
 from lensray.run.config import load_config
-from lensray.run.screen import finish, make_plan, write_decision
+from lensray.run.screen import finish
+from lensray.run.store import make_plan, write_decision
 from lensray.cli.screen import summarise
 from lensray.run.store import ProbeStore
 from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
@@ -86,12 +87,13 @@ def _unloadable(root: Path) -> dict[str, tuple[str, Path | None]]:
 
 
 def test_each_unloadable_candidate_is_failed_with_its_reason_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
-    """The train worker's load path (lensray.run.screen._probe_loop, Ray Train's context faked): each
+    """The train worker's load path (lensray.run.trainables.probe_loop, Ray Train's context faked): each
     refused candidate ends ``failed`` with its reason in selection.json, report.md and a warning
     line; the good candidate is selected and the exit code is 0."""
     import ray.train
 
-    from lensray.run.screen import TrialContext, _candidate_info, _probe_loop
+    from lensray.run.ranking import candidate_info
+    from lensray.run.trainables import TrialContext, probe_loop
 
     bad = _unloadable(tmp_path)
     config = load_config({"zoo": [{"id": "good", "size": 1e8}, *({"id": n, "model": m} for n, (m, _) in bad.items())],
@@ -115,11 +117,11 @@ def test_each_unloadable_candidate_is_failed_with_its_reason_and_the_run_goes_on
     reports = []
     monkeypatch.setattr(ray.train, "get_context", Context, raising=False)
     monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reports.append(metrics), raising=False)
-    ctx = TrialContext(store_uri=store.uri, grid=grid, target=TARGET, method="lensray", level=0.9, done={},
-                       candidates=_candidate_info(config, None), task=config.task.model_dump(mode="json"),
+    ctx = TrialContext(store_uri=store.uri, grid=grid, done={},
+                       candidates=candidate_info(config, None), task=config.task.model_dump(mode="json"),
                        probe=config.probe.model_dump(mode="json"))
     for name in bad:
-        _probe_loop({"ctx": ctx, "candidate": name})
+        probe_loop({"ctx": ctx, "candidate": name})
     assert [r["failed"] for r in reports] == [True] * len(bad)
     assert not bad["remote"][1].exists(), "code from the model repository ran"
 

@@ -292,7 +292,7 @@ def test_tune_run_stops_only_the_hopeless(ray_local):
 
 
 def test_zoo_forecaster_splits_the_lensray_error_unless_told_not_to():
-    from lensray.run.screen import zoo_forecaster
+    from lensray.core.forecast import zoo_forecaster
 
     grid = [0, 200, 400, 800, 1600, 3200]
     observed = {f"c{i}": {d: 3.0 - 0.1 * (1 + i / 10) * j for j, d in enumerate(grid)} for i in range(6)}

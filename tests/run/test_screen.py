@@ -12,9 +12,9 @@ import pytest
 
 from lensray.cli.main import main
 from lensray.run.config import load_config
-from lensray.run.screen import (
-    finish, make_plan, max_concurrent, read_decision, write_decision, zoo_forecaster,
-)
+from lensray.core.forecast import zoo_forecaster
+from lensray.run.screen import finish, max_concurrent
+from lensray.run.store import make_plan, read_decision, write_decision
 from lensray.cli.screen import summarise
 from lensray.run.store import ProbeStore
 from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
@@ -106,7 +106,7 @@ def test_failed_decision_is_retried_on_resume(tmp_path):
 def test_decision_of_another_candidate_is_ignored(tmp_path):
     store = ProbeStore(str(tmp_path / "o"))
     write_decision(store, "a", "pruned", 800, "x")
-    from lensray.run.screen import decision_name
+    from lensray.run.store import decision_name
 
     store.write_text(decision_name("b"), json.dumps({"candidate": "a", "status": "pruned"}))
     assert read_decision(store, "b") is None and read_decision(store, "a")["n_samples"] == 800
@@ -291,7 +291,7 @@ def test_two_train_workers_train_data_parallel(tmp_path, strategy):
 
 def test_memory_hints_after_out_of_memory_inside_a_collective(tmp_path):
     from lensray.engine.probe import CollectiveOutOfMemory
-    from lensray.run.screen import memory_settings, read_decision, record_collective_oom
+    from lensray.run.store import memory_settings, read_decision, record_collective_oom
 
     store = ProbeStore(str(tmp_path / "o"))
     probe = {"micro_batch": 8, "grad_accum": 1, "eval_batch": 64, "learning_rate": 1e-3}
@@ -320,7 +320,8 @@ def test_out_of_memory_inside_a_collective_restarts_the_worker_group_smaller(tmp
     record keeps both attempts."""
     from lensray.engine.data import TaskConfig
     from lensray.engine.probe import FaultInjector, ProbeConfig, ProbeRunner
-    from lensray.run.screen import memory_hint_name, screen
+    from lensray.run.screen import screen
+    from lensray.run.store import memory_hint_name
 
     task = {"source": "synthetic", "max_length": 64, "test_size": 64, "validation_size": 16}
     probe = {"learning_rate": 1.0e-3, "epochs": 1, "micro_batch": 8, "device": "cpu", "eval_batch": 64}
@@ -352,11 +353,11 @@ def test_out_of_memory_inside_a_collective_restarts_the_worker_group_smaller(tmp
 
 
 def test_predictor_level_scales_the_intervals_in_log_space():
-    from lensray.run.screen import _selector
+    from lensray.core.selection import get_selector
 
     zoo = synthetic_zoo(10, seed=2).budget(12800)
-    at90 = _selector("lensray", 0.9).predict(zoo, TARGET)
-    at50 = _selector("lensray", 0.5).predict(zoo, TARGET)
+    at90 = get_selector("lensray", 0.9).predict(zoo, TARGET)
+    at50 = get_selector("lensray", 0.5).predict(zoo, TARGET)
     assert np.allclose(at50.loss, at90.loss)
     ratio = np.log(at50.hi / at50.loss) / np.log(at90.hi / at90.loss)
     assert np.allclose(ratio, 0.6745 / 1.6449, rtol=1e-3)
