@@ -316,7 +316,7 @@ def _needs_remote_code(folder: Path) -> bool:
 
 
 def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
-                   allow_pickle: bool = False) -> tuple[Any, Any, Kind]:
+                   allow_pickle: bool = False, dtype: str = "float32") -> tuple[Any, Any, Kind]:
     """Load a candidate's model and tokenizer, safely.
 
     Parameters
@@ -327,11 +327,13 @@ def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
         Allow running code shipped with the model repository (a warning is logged).
     allow_pickle:
         Allow loading a pickle-based checkpoint (``pytorch_model.bin``).
+    dtype:
+        ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the checkpoint's own).
 
     Returns
     -------
     (model, tokenizer, kind) with kind ``"causal"`` or ``"seq2seq"``; the model is in eval mode
-    on the CPU, float32.
+    on the CPU, in ``dtype``.
 
     Raises
     ------
@@ -367,7 +369,7 @@ def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
     auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq" else transformers.AutoModelForCausalLM
     try:
         model = auto.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code,
-                                     use_safetensors=safetensors, dtype="float32")
+                                     use_safetensors=safetensors, dtype=dtype)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):

@@ -74,13 +74,14 @@ import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lensray.engine.data import Encoded, TaskConfig, TaskData, collate, count_tokens, encode, load_task
-from lensray.errors import LensrayInputError
+from lensray.errors import LensrayInputError, one_line
 
 
 class ProbeConfig(BaseModel):
@@ -112,6 +113,17 @@ class ProbeConfig(BaseModel):
     ntk_samples: int = Field(32, ge=2, description="probe-set size n of the NTK Gram matrix")
     ntk_dim: int | None = Field(None, ge=16, description="sketch dimension k of the per-sample gradients "
                                                           "(default: lensray.engine.ntk's)")
+    method: Literal["full", "lora"] = Field("full", description="fine-tune every weight, or LoRA adapters only "
+                                                                "(peft; the base weights frozen)")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank r")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    lora_target_modules: list[str] | None = Field(None, description="module names that get adapters (default: "
+                                                                     "peft's choice for the architecture)")
+    dtype: Literal["fp32", "bf16", "auto"] = Field("fp32", description="dtype the weights are loaded in; 'auto': "
+                                                                       "the checkpoint's own")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (less "
+                                                            "memory, one more forward pass of compute)")
 
 
 @dataclass
@@ -128,7 +140,12 @@ class ProbeResult:
     steps, learning_rate, micro_batch, grad_accum:
         Optimiser steps, peak learning rate and batch shape of the last attempt.
     tokens, flops:
-        Training tokens processed (padding excluded, prompt included) and 6 * n_params * tokens.
+        Training tokens processed (padding excluded, prompt included) and the FLOPs spent on them,
+        ``(4 + 2 * gradient_checkpointing) * n_params + 2 * trainable_params`` per token: forward,
+        backward through the activations (and a recomputed forward), weight gradients of the
+        trained parameters only (6 * n_params for a full fine-tune).
+    n_params, trainable_params:
+        Parameters of the model (adapters included) and those trained.
     wall_seconds, train_seconds:
         The whole probe (retries, evaluation, NTK) and the training loop of the last attempt.
     peak_memory_bytes:
@@ -154,6 +171,7 @@ class ProbeResult:
     peak_memory_bytes: int
     n_params: int
     train_seconds: float = 0.0
+    trainable_params: int = 0
     ntk: dict[str, Any] | None = None
     error: str | None = None
     attempts: int = 1
@@ -317,6 +335,24 @@ def _all_reduce_sum(values: list[float], device: Any) -> list[float]:
 STRATEGIES = ("ddp", "fsdp")
 
 
+def _with_lora(model: Any, kind: str, probe: ProbeConfig) -> Any:
+    """``model`` with LoRA adapters (peft) on ``probe.lora_target_modules``; the base weights frozen."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(r=probe.lora_rank, lora_alpha=probe.lora_alpha, lora_dropout=probe.lora_dropout,
+                        target_modules=probe.lora_target_modules,
+                        task_type=TaskType.SEQ_2_SEQ_LM if kind == "seq2seq" else TaskType.CAUSAL_LM)
+    try:
+        with warnings.catch_warnings():  # GPT-2's Conv1D layers: peft sets fan_in_fan_out itself, and says so
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            model = get_peft_model(model, config)
+    except ValueError as exc:  # no target module found, or the architecture needs them named
+        raise LensrayInputError(f"probe.lora_target_modules: {one_line(exc, 300)}") from None
+    if probe.gradient_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input gradient
+    return model
+
+
 class ProbeRunner:
     """Runs probes of one candidate on one task.
 
@@ -366,7 +402,8 @@ class ProbeRunner:
             return self
         if self.data is None:
             self.data = load_task(self.task)
-        return self._attach(*load_candidate(self.model_id, self.trust_remote_code, self.allow_pickle))
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "auto": "auto"}[self.probe.dtype]
+        return self._attach(*load_candidate(self.model_id, self.trust_remote_code, self.allow_pickle, dtype=dtype))
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, kind: Literal["causal", "seq2seq"], task_data: TaskData,
@@ -386,9 +423,23 @@ class ProbeRunner:
         on_gpu = want == "cuda" or (want == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.world, self.rank = _distributed()
-        self.n_params = sum(p.numel() for p in model.parameters())
         self._ddp = None
         self._fsdp = self.world > 1 and self.strategy == "fsdp"
+        if self.probe.method == "lora":
+            if self._fsdp:
+                raise LensrayInputError("probe.method 'lora' runs with strategy 'ddp' (or one worker), not 'fsdp'")
+            model = _with_lora(model, kind, self.probe)
+        if self.probe.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise LensrayInputError(f"probe.gradient_checkpointing: {self.model_id} does not support it")
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.flops_per_token = ((4 + 2 * self.probe.gradient_checkpointing) * self.n_params
+                                + 2 * self.trainable_params)
         if self._fsdp:
             from lensray.engine.parallel import fully_shard_model, local_snapshot
 
@@ -579,8 +630,9 @@ class ProbeRunner:
         while len(order) < steps * per_step:
             order += torch.randperm(len(train), generator=gen).tolist()
         torch.manual_seed(seed)
-        decay = [q for n_, q in self._model.named_parameters() if q.ndim >= 2]
-        no_decay = [q for n_, q in self._model.named_parameters() if q.ndim < 2]
+        trained = [q for q in self._model.parameters() if q.requires_grad]
+        decay = [q for q in trained if q.ndim >= 2]
+        no_decay = [q for q in trained if q.ndim < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=lr,
                                 fused=self.device.type == "cuda")
@@ -856,8 +908,8 @@ class ProbeRunner:
         wall = time.perf_counter() - start
         return ProbeResult(
             model=self.model_id, n_samples=n_samples, status=status, test_loss=loss, steps=steps,
-            learning_rate=lr, tokens=tokens, flops=6.0 * self.n_params * tokens, wall_seconds=wall,
-            train_seconds=train_seconds,
+            learning_rate=lr, tokens=tokens, flops=float(self.flops_per_token * tokens), wall_seconds=wall,
+            train_seconds=train_seconds, trainable_params=self.trainable_params,
             peak_memory_bytes=_peak_memory(self.device), n_params=self.n_params, ntk=ntk, error=error,
             attempts=len(log), attempt_log=log, seed=seed, micro_batch=mb, grad_accum=ga, kind=self.kind,
         )
