@@ -43,14 +43,25 @@ def tokens_per_sample(records: list[dict], default: float) -> float:
     return tok / n if tok > 0 and n > 0 else default
 
 
+def flops_per_token(config: ScreenConfig, size: float, records: list[dict]) -> float:
+    """FLOPs one training token costs a candidate: measured by its stored probes, else
+    ``6 * size`` for a full fine-tune and ``4 * size`` with LoRA (no weight gradients of the frozen base)."""
+    tok = sum(float(r.get("tokens") or 0.0) for r in records if r.get("n_samples", 0) > 0 and r.get("flops"))
+    flops = sum(float(r.get("flops") or 0.0) for r in records if r.get("n_samples", 0) > 0 and r.get("tokens"))
+    if tok > 0 and flops > 0:
+        return flops / tok
+    return (4.0 if config.probe.method == "lora" else 6.0) * float(size)
+
+
 def full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[dict]) -> float:
-    """FLOPs of fine-tuning every candidate on D*: sum of 6 * size * tokens/sample * D*."""
+    """FLOPs of fine-tuning every candidate on D* the way it is probed (:func:`flops_per_token`)."""
     total = 0.0
     for cid, cand in info.items():
         mine = [r for r in records if r.get("candidate") == cid]
         size = cand.get("size") or next((r.get("n_params") for r in mine if r.get("n_params")), None)
         if size:
-            total += 6.0 * float(size) * tokens_per_sample(mine, config.tokens_per_sample) * config.target_samples
+            total += (flops_per_token(config, size, mine) * tokens_per_sample(mine, config.tokens_per_sample)
+                      * config.target_samples)
     return total
 
 
@@ -58,7 +69,7 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
     """What a run would do, before any Ray work and without writing anything.
 
     Per candidate: the probes already in the store (a resumed run), the probes still to run and
-    their worst-case FLOPs (6 * size * tokens per sample * D summed over them: no candidate
+    their worst-case FLOPs (:func:`flops_per_token` * tokens per sample * D summed over them: no candidate
     pruned), with tokens per sample measured by the stored probes, else ``tokens_per_sample``.
     A size not in the config (or the replayed table) is counted from the model's config
     (:func:`lensray.engine.models.parameter_counts`, no weights loaded); candidates whose config cannot
@@ -89,7 +100,7 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
         todo = p.todo if p.needs_trial else []
         tokens = tokens_per_sample(mine, config.tokens_per_sample)
         rows.append({"candidate": cid, "size": size, "stored": sorted(p.done), "todo": todo,
-                     "pruned": bool(p.decision), "flops_todo": 6.0 * size * tokens * sum(todo) if size else None})
+                     "pruned": bool(p.decision), "flops_todo": flops_per_token(config, size, mine) * tokens * sum(todo) if size else None})
         if not size:
             unsized.append(cid)
     return {
