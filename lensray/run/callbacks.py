@@ -1,4 +1,5 @@
-"""Tune callbacks of a screening: live progress lines, the placement-group reaper, quiet Tune."""
+"""Tune callbacks of a screening: forecasts in the results, live progress, trackers, the
+placement-group reaper, and a quiet Tune."""
 
 from __future__ import annotations
 
@@ -7,67 +8,179 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
-from lensray.core.forecast import Stop
+from ray import tune
 
-def progress_callback(total: int, known: dict[str, str], flops_start: float, full: float, stream=None,
-                       every: float = 2.0, prefix: str = ""):
-    """A Tune callback printing progress lines on stderr: running / pruned / done / failed, compute.
+from lensray.core.forecast import Forecast, Stop
+from lensray.run.config import TrackingConfig
 
-    A line is printed at most every 0.5 s when candidates finish, stop or fail, at most every
-    ``every`` seconds otherwise, and once at the end.
+
+class ForecastMetrics(tune.Callback):
+    """Adds the scheduler's latest forecast of the reporting candidate to its result, in place:
+    ``predicted_loss``, ``pred_lo``, ``pred_hi`` (its interval at D*) and ``points``. Listed first,
+    so that the progress lines and every tracker after it see them."""
+
+    def __init__(self, forecasts: Callable[[], Mapping[str, Forecast]]) -> None:
+        self._forecasts = forecasts
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        own = self._forecasts().get(str(result.get("candidate")))
+        if own is not None and own.n_samples == result.get("n_samples"):
+            result.update(predicted_loss=own.loss, pred_lo=own.lo, pred_hi=own.hi, points=own.points)
+
+
+class Progress(tune.Callback):
+    """Live progress on stderr: one line per probe, stop and failure, with the run's totals.
+
+    Each probe's line names the candidate, its D, its loss and (once forecast) its predicted loss
+    at D* with the interval; a stop gives its reason. The totals (running, pruned, done, failed,
+    compute spent against full tuning, an ETA from the samples still to probe) follow each event
+    on a rich progress bar in a terminal, as a line at most every ``every`` seconds elsewhere.
+
+    Parameters
+    ----------
+    todo : mapping
+        Samples each candidate still has to probe (id -> sum of its remaining sizes).
+    known : mapping
+        States of the candidates that run no trial (``pruned``, ``done``, ``failed``).
+    t0 : float
+        ``time.perf_counter()`` at the start of the run: one clock for every stage.
+    flops_start, full : float
+        Compute already spent (stored probes) and the FLOPs of full tuning.
     """
-    from ray import tune
 
-    class Progress(tune.Callback):
-        def __init__(self) -> None:
-            self.state: dict[str, str] = dict(known)
-            self.flops = flops_start
-            self.t0 = time.perf_counter()
-            self.last_counts: tuple = (None,) * 4
-            self.last_time = -math.inf
+    def __init__(self, todo: Mapping[str, int], known: Mapping[str, str], t0: float, flops_start: float,
+                 full: float, prefix: str = "", stream: Any = None, every: float = 5.0) -> None:
+        self.state: dict[str, str] = {**known, **{c: "queued" for c in todo}}
+        self.left = {c: int(n) for c, n in todo.items()}
+        self.total = max(1, sum(self.left.values()))
+        self.t0, self.flops, self.full, self.prefix, self.every = t0, flops_start, full, prefix, every
+        self._stream = stream
+        self._last = -math.inf
+        self._console: Any = None
+        self._bar: Any = None
 
-        def _line(self, force: bool = False) -> None:
-            counts = tuple(sum(1 for v in self.state.values() if v == s) for s in ("running", "pruned", "done", "failed"))
-            now = time.perf_counter()
-            wait = every if counts[1:] == self.last_counts[1:] else min(every, 0.5)
-            if not force and now - self.last_time < wait:
-                return
-            self.last_counts, self.last_time = counts, now
-            share = f" ({100 * self.flops / full:.2f}% of full tuning)" if full > 0 else ""
-            print(f"[{now - self.t0:7.1f}s] {prefix}running {counts[0]} | pruned {counts[1]} | done {counts[2]} | "
-                  f"failed {counts[3]} | of {total} | compute {self.flops:.3g} FLOPs{share}",
-                  file=stream or sys.stderr, flush=True)
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the run config: no console, bar or stream travels
+        return {**self.__dict__, "_stream": None, "_console": None, "_bar": None}
 
-        def on_trial_start(self, iteration, trials, trial, **info) -> None:
-            self.state[trial.config["candidate"]] = "running"
-            self._line()
+    @property
+    def console(self) -> Any:
+        if self._console is None:
+            from rich.console import Console
 
-        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            self._console = Console(file=self._stream or sys.stderr, highlight=False, soft_wrap=True)
+        return self._console
+
+    @property
+    def bar(self) -> Any:
+        if self._bar is None:
+            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+            self._bar = Bar(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                            TimeRemainingColumn(), console=self.console, transient=False,
+                            disable=not self.console.is_terminal)
+            self._task = self._bar.add_task("", total=self.total)
+        return self._bar
+
+    def _say(self, text: str) -> None:
+        self.console.print(f"[{time.perf_counter() - self.t0:7.1f}s] {self.prefix}{text}", markup=False)
+
+    def _totals(self, force: bool = False) -> None:
+        counts = {s: sum(1 for v in self.state.values() if v == s) for s in ("running", "pruned", "done", "failed")}
+        share = f" ({100 * self.flops / self.full:.2f}% of full tuning)" if self.full > 0 else ""
+        text = (f"running {counts['running']} | pruned {counts['pruned']} | done {counts['done']} | failed "
+                f"{counts['failed']} | of {len(self.state)} | compute {self.flops:.3g} FLOPs{share}")
+        if not self.bar.disable:
+            self.bar.update(self._task, completed=self.total - sum(self.left.values()), description=text)
+            return
+        now = time.perf_counter()
+        if force or now - self._last >= self.every:
+            self._last = now
+            done = self.total - sum(self.left.values())
+            elapsed = now - self.t0
+            eta = f" | ETA {_duration(elapsed * (self.total - done) / done)}" if 0 < done < self.total else ""
+            self._say(text + eta)
+
+    def _end(self, cid: str, state: str) -> None:
+        self.state[cid] = state
+        self.left[cid] = 0
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self._totals(force=True)
+        self.bar.stop()
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        if not self.bar.live.is_started and not self.bar.disable:
+            self.bar.start()
+        self.state[trial.config["candidate"]] = "running"
+        self._totals()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        cid = str(result.get("candidate"))
+        if result.get("failed"):
+            self._end(cid, "failed")
+            self._say(f"{cid} failed: {result.get('error')}")
+        elif result.get("n_samples") is not None and result.get("loss") is not None:
+            n = int(result["n_samples"])
             self.flops += float(result.get("flops") or 0.0)
-            if result.get("failed"):
-                self.state[trial.config["candidate"]] = "failed"
-            self._line()
+            self.left[cid] = max(0, self.left.get(cid, 0) - n)
+            line = f"{cid} D={n:,} loss {float(result['loss']):.4f}"
+            pred = result.get("predicted_loss")
+            if pred is not None and math.isfinite(pred):
+                line += f" -> D* {pred:.4f}"
+                lo, hi = result.get("pred_lo", math.nan), result.get("pred_hi", math.nan)
+                if math.isfinite(lo) and math.isfinite(hi):
+                    line += f" [{lo:.4f}, {hi:.4f}]"
+            self._say(line)
+        self._totals()
 
-        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            cid = trial.config["candidate"]
-            if self.state.get(cid) == "running":
-                self.state[cid] = "done"
-            self._line()
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        cid = trial.config["candidate"]
+        if self.state.get(cid) == "running":
+            self._end(cid, "done")
+            self._say(f"{cid} done")
+        self._totals()
 
-        def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self.state[trial.config["candidate"]] = "failed"
-            self._line()
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        cid = trial.config["candidate"]
+        self._end(cid, "failed")
+        self._say(f"{cid} failed: its trial crashed (see report.md)")
+        self._totals()
 
-        def on_experiment_end(self, trials, **info) -> None:
-            self._line(force=True)
+    def mark_pruned(self, stop: Stop) -> None:
+        self._end(stop.candidate, "pruned")
+        self._say(f"{stop.candidate} stopped at D={stop.n_samples:,}: {stop.reason}")
+        self._totals()
 
-        def mark_pruned(self, stop: Stop) -> None:
-            self.state[stop.candidate] = "pruned"
-            self._line()
 
-    return Progress()
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def tracking_callbacks(tracking: TrackingConfig) -> list[tune.Callback]:
+    """Ray's logger callbacks for the trackers of ``tracking``."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    out: list[tune.Callback] = []
+    if tracking.csv:
+        out.append(CSVLoggerCallback())
+    if tracking.json_lines:
+        out.append(JsonLoggerCallback())
+    if tracking.tensorboard:
+        out.append(TBXLoggerCallback())
+    if tracking.mlflow is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        out.append(MLflowLoggerCallback(tracking_uri=tracking.mlflow.tracking_uri,
+                                        experiment_name=tracking.mlflow.experiment_name, save_artifact=False))
+    if tracking.wandb is not None:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(project=tracking.wandb.project, group=tracking.wandb.group))
+    return out
 
 
 def remove_orphan_placement_groups() -> int:
@@ -97,22 +210,20 @@ def remove_orphan_placement_groups() -> int:
     return removed
 
 
-def reaper_callback(every: float = 1.0):
-    """A Tune callback that frees orphaned worker placement groups of stopped trials."""
-    from ray import tune
+class PlacementGroupReaper(tune.Callback):
+    """Frees orphaned worker placement groups of stopped trials (:func:`remove_orphan_placement_groups`),
+    at most every ``every`` seconds."""
 
-    class Reaper(tune.Callback):
-        def __init__(self) -> None:
-            self.last = -math.inf
-            self.removed = 0
+    def __init__(self, every: float = 1.0) -> None:
+        self.every = every
+        self.last = -math.inf
+        self.removed = 0
 
-        def on_step_begin(self, iteration, trials, **info) -> None:
-            now = time.perf_counter()
-            if now - self.last >= every:
-                self.last = now
-                self.removed += remove_orphan_placement_groups()
-
-    return Reaper()
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self.removed += remove_orphan_placement_groups()
 
 
 class quiet_tune:

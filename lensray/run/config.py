@@ -111,6 +111,32 @@ class PruningConfig(_Model):
                            "zoo-common error cancels (lensray predictor); false: on their marginal intervals")
 
 
+class MlflowTracking(_Model):
+    """An MLflow run per candidate (Ray's MLflowLoggerCallback; needs the ``mlflow`` package)."""
+
+    tracking_uri: str | None = Field(None, description="MLflow server or folder (null: MLflow's default, ./mlruns)")
+    experiment_name: str = Field("lensray", min_length=1, description="MLflow experiment")
+
+
+class WandbTracking(_Model):
+    """A W&B run per candidate (Ray's WandbLoggerCallback; needs ``wandb`` and WANDB_API_KEY in the environment)."""
+
+    project: str = Field("lensray", min_length=1, description="W&B project")
+    group: str | None = Field(None, description="W&B group (null: the run name)")
+
+
+class TrackingConfig(_Model):
+    """Experiment trackers: each probe's candidate, n_samples, loss, FLOPs and, once forecast, its
+    predicted loss at D* and interval (predicted_loss, pred_lo, pred_hi) go to each."""
+
+    csv: bool = Field(False, description="progress.csv per candidate under <out>/tune (Ray's CSVLoggerCallback)")
+    json_lines: bool = Field(False, description="result.json (JSON lines) per candidate under <out>/tune (Ray's "
+                             "JsonLoggerCallback)")
+    tensorboard: bool = Field(False, description="TensorBoard event files under <out>/tune (Ray's TBXLoggerCallback)")
+    mlflow: MlflowTracking | None = Field(None, description="log to MLflow")
+    wandb: WandbTracking | None = Field(None, description="log to Weights & Biases")
+
+
 class ScreenConfig(_Model):
     """A whole screening run."""
 
@@ -124,6 +150,7 @@ class ScreenConfig(_Model):
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="probe hyperparameters (lensray.engine.probe)")
     predictor: PredictorConfig = Field(default_factory=PredictorConfig, description="extrapolation to D*")
     pruning: PruningConfig = Field(default_factory=PruningConfig, description="early stopping")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="experiment trackers")
     tokens_per_sample: float = Field(35, gt=0, description="tokens per sample for the compute bill (replay)")
 
     def grid_sizes(self) -> list[int]:

@@ -64,6 +64,8 @@ class CurvePruner(FIFOScheduler):
         Forecasts of candidates that run in no trial (without a forecaster).
     on_stop : callable, optional
         Called with the :class:`Stop` record the moment a candidate is stopped (to persist it).
+    prune : bool
+        False: keep the forecasts up to date but stop nothing (pruning off).
     last_size : int or mapping, optional
         The grid's last probe size, or each candidate's own (id -> size; a replayed curve whose
         last grid sizes are holes ends earlier); reports at it (or beyond) are never stopped.
@@ -78,6 +80,7 @@ class CurvePruner(FIFOScheduler):
         known: Iterable[Forecast] = (),
         on_stop: Optional[Callable[[Stop], None]] = None,
         last_size: int | Mapping[str, int] | None = None,
+        prune: bool = True,
     ) -> None:
         if top_k < 1 or grace_points < 1:
             raise ValueError("top_k and grace_points must be >= 1")
@@ -89,6 +92,7 @@ class CurvePruner(FIFOScheduler):
         self._latest: dict[str, Forecast] = {f.candidate: f for f in known}
         self._on_stop = on_stop
         self._last_size = last_size
+        self._prune = prune
         self.stopped: dict[str, Stop] = {}
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
@@ -122,7 +126,7 @@ class CurvePruner(FIFOScheduler):
         if reported is not None:
             self._latest[cid] = reported
         own = self._refresh(cid)
-        if own is None or self._at_last_size(own):
+        if not self._prune or own is None or self._at_last_size(own):
             return TrialScheduler.CONTINUE
         reason = prune_decision(own, self._latest.values(), self._top_k, self._grace)
         if reason is None:

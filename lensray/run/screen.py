@@ -16,13 +16,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import replace
-from typing import Any, Callable, Literal, Mapping, Optional
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, Forecaster, Stop, zoo_forecaster
 from lensray.errors import LensrayInputError, one_line
-from lensray.run.callbacks import progress_callback, quiet_tune, reaper_callback
+from lensray.run.callbacks import ForecastMetrics, PlacementGroupReaper, Progress, quiet_tune, tracking_callbacks
 from lensray.run.config import ScreenConfig
 from lensray.run.ranking import candidate_info, full_tuning, rank
 from lensray.run.scheduler import TIME_ATTR, CurvePruner
@@ -38,13 +38,23 @@ TUNE_MAX_FAILURES = 1
 """Restarts Tune allows a trial whose trainable itself crashed."""
 
 
-def _init_ray(config: ScreenConfig) -> bool:
-    """Connect to (or start) Ray; returns True when this call started it."""
+def _init_ray(config: ScreenConfig, store: ProbeStore) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it.
+
+    Ray's own log lines (start-up notices, warnings) go to ``ray.log`` in a local output folder
+    (else Ray's session folder only), not to the user's terminal.
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
+    ray_log = logging.getLogger("ray")
+    for handler in [h for h in ray_log.handlers if not isinstance(h, logging.FileHandler)]:
+        ray_log.removeHandler(handler)  # Ray's own handler prints to the terminal
+    if "://" not in store.uri and not ray_log.handlers:
+        ray_log.addHandler(logging.FileHandler(store.path("ray.log")))
+    ray_log.propagate = False
+    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if config.ray.address:
         ray.init(address=config.ray.address, **kwargs)
     else:
@@ -75,6 +85,7 @@ def screen(
     progress: bool = True,
     forecaster: Callable[..., Forecaster] = zoo_forecaster,
     tune_loggers: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Screen the zoo of ``config`` and select the candidate to fine-tune.
 
@@ -97,6 +108,10 @@ def screen(
         Builds the scheduler's zoo forecaster; called as :func:`~lensray.core.forecast.zoo_forecaster`.
     tune_loggers : bool
         Keep Tune's per-trial result logger files (off: the store holds every result).
+    callbacks : sequence of ray.tune.Callback
+        More Tune callbacks (trackers), after those of ``config.tracking``; each probe's result
+        carries the candidate, ``n_samples``, ``loss``, ``flops`` and, once forecast,
+        ``predicted_loss``, ``pred_lo`` and ``pred_hi``.
 
     Returns
     -------
@@ -113,11 +128,13 @@ def screen(
         raise LensrayInputError(f"storage.path: {store.uri} already holds probe results; pass --resume or use another --out")
     store.write_text("config.yaml", config.to_yaml())
     grid = probe_grid(config, replay)
-    started = _init_ray(config)
+    started = _init_ray(config, store)
     try:
         import ray
 
         gaps = replay_gaps(replay, grid)
+        run = _Run(config, store, grid, backend, replay, gaps, progress, forecaster, tune_loggers,
+                   [*tracking_callbacks(config.tracking), *callbacks], t0)
         plans = make_plan(config, store, grid, gaps)
         stages = scout_stages(config, grid, sum(p.needs_trial for p in plans),
                               max_concurrent(config, backend, ray.cluster_resources()))
@@ -126,9 +143,7 @@ def screen(
             if k:  # the store has moved on
                 plans = make_plan(config, store, grid, gaps)
             plans = [replace(p, todo=[d for d in p.todo if d <= upto]) for p in plans]
-            _run_trials(config, store, plans, grid, backend, replay, progress, forecaster, tune_loggers, upto=upto,
-                        exclude=failed,
-                        by_forecast=upto == grid[-1] and len(stages) > 1, gaps=gaps)
+            _run_trials(run, plans, upto, exclude=failed, by_forecast=upto == grid[-1] and len(stages) > 1)
             failed |= {p.candidate.id for p in plans if (read_decision(store, p.candidate.id) or {}).get("status") == "failed"}
     finally:
         if started:
@@ -178,23 +193,35 @@ def trial_order(ids: list[str], info: Mapping[str, dict], forecasts: Optional[Ma
     return sorted(ids, key=lambda cid: (predicted(cid), -size[cid]))
 
 
-def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePlan], grid: list[int],
-                backend: Backend, replay: Optional[Curves], progress: bool, make_forecaster: Callable[..., Forecaster],
-                tune_loggers: bool, upto: Optional[int] = None,
-                exclude: frozenset[str] | set[str] = frozenset(), by_forecast: bool = False,
-                gaps: Optional[Mapping[str, set[int]]] = None) -> None:
+@dataclass
+class _Run:
+    """What every stage of one screening shares."""
+
+    config: ScreenConfig
+    store: ProbeStore
+    grid: list[int]  # the whole probe grid: the forecasts' columns
+    backend: Backend
+    replay: Optional[Curves]
+    gaps: Mapping[str, set[int]]  # sizes a candidate has no probe for (replay_gaps)
+    progress: bool
+    make_forecaster: Callable[..., Forecaster]
+    tune_loggers: bool
+    callbacks: list[Any]
+    t0: float  # the run's one clock
+
+
+def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[str], by_forecast: bool) -> None:
     """Run one Tune trial per candidate that still needs probes up to ``upto`` (decisions go to the store).
 
-    ``grid`` is the whole probe grid (the forecasts' columns); trials probe its sizes up to
-    ``upto`` (default: all). Candidates in ``exclude`` (failed in an earlier stage) run no trial.
-    With ``by_forecast`` the trials start best predicted first (:func:`trial_order`). ``gaps``
-    (:func:`replay_gaps`): sizes a candidate has no probe for, so its last probe comes earlier.
+    Candidates in ``exclude`` (failed in an earlier stage) run no trial. With ``by_forecast`` the
+    trials start best predicted first (:func:`trial_order`).
     """
     import ray
     from ray import tune
 
+    config, store, grid, backend, replay, gaps = run.config, run.store, run.grid, run.backend, run.replay, run.gaps
     info = candidate_info(config, replay)
-    sizes = [d for d in grid if upto is None or d <= upto]
+    sizes = [d for d in grid if d <= upto]
     ctx = TrialContext(
         store_uri=store.uri, grid=sizes,
         done={p.candidate.id: {n: float(r["test_loss"]) for n, r in p.done.items()} for p in plans},
@@ -212,14 +239,15 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
         previous = read_decision(store, p.candidate.id)
         if previous and previous.get("status") == "failed":
             write_decision(store, p.candidate.id, "retried", None, previous.get("reason", ""))
-    forecaster = make_forecaster(config.predictor.method, config.predictor.level, grid, config.target_samples,
+    forecaster = run.make_forecaster(config.predictor.method, config.predictor.level, grid, config.target_samples,
                                  {c: i["size"] for c, i in info.items()}, {c: i["family"] for c, i in info.items()},
                                  config.pruning.relative)
     todo = trial_order([p.candidate.id for p in runs], info, forecaster(ctx.done) if by_forecast else None)
     spent = sum(float(r.get("flops") or 0.0) for p in plans for r in p.done.values())
     full = full_tuning(config, info, store.get_all() if backend == "train" else [])
-    stage = "" if upto is None or upto >= grid[-1] else f"scout D<={upto:,}: "
-    bar = progress_callback(len(plans), states, spent, full, prefix=stage) if progress else None
+    stage = "" if upto >= grid[-1] else f"scout D<={upto:,}: "
+    left = {p.candidate.id: sum(p.todo) for p in runs}
+    bar = Progress(left, states, run.t0, spent, full, prefix=stage) if run.progress else None
 
     def on_stop(stop: Stop) -> None:
         write_decision(store, stop.candidate, "pruned", stop.n_samples, stop.reason)
@@ -228,11 +256,11 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
 
     if not todo:
         return
-    gaps = gaps or {}
     last = {p.candidate.id: max((d for d in grid if d not in gaps.get(p.candidate.id, ())), default=grid[-1])
             for p in plans}
     scheduler = CurvePruner(config.pruning.top_k, config.pruning.grace_points, forecaster=forecaster,
-                            observed=ctx.done, on_stop=on_stop, last_size=last)
+                            observed=ctx.done, on_stop=on_stop, last_size=last,
+                            prune=config.pruning.enabled)
     if backend == "replay":
         trainable = tune.with_resources(tune.with_parameters(replay_trainable, ctx=ctx), {"cpu": 1})
     else:
@@ -242,7 +270,7 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
         trainable,
         param_space={"candidate": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(
-            scheduler=scheduler if config.pruning.enabled else None,
+            scheduler=scheduler,
             max_concurrent_trials=max_concurrent(config, backend, ray.cluster_resources()),
             reuse_actors=backend == "replay",
             trial_dirname_creator=_trial_dirname,
@@ -251,11 +279,12 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
             name=f"tune-{int(time.time())}",
             storage_path=_storage_path(store, "tune"),
             failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
-            callbacks=[cb for cb in (bar, reaper_callback() if backend == "train" else None) if cb is not None],
+            callbacks=[ForecastMetrics(lambda: scheduler.forecasts), *([bar] if bar else []),
+                       *([PlacementGroupReaper()] if backend == "train" else []), *run.callbacks],
             verbose=0,
         ),
     )
-    with quiet_tune(tune_loggers):
+    with quiet_tune(run.tune_loggers):
         results = tuner.fit()
     for res in results:
         cid = (res.config or {}).get("candidate")
