@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of lensray in one go, on one GPU, in about 9 minutes:
+# The GPU check of lensray in one go, on one GPU, in at most 7.5 minutes (GPU_CHECK_BUDGET_S):
 #   install   the Python packages lensray needs (carried wheels, or pip into a fresh venv), timed
 #   imports   torch, CUDA, the GPU's name, and every package lensray imports
 #   tp-125m   benchmarks/probe_throughput.py, gpt2-125m preset, bf16, sequence 512: tokens/s, MFU
@@ -16,21 +16,25 @@
 #   --skip-install  use the Python as found (LENSRAY_PYTHON, else python3)
 #   --wheels DIR    install the wheels and ray tarball of DIR (benchmarks/gpu_wheels.sh) into a
 #                   target folder, offline; the default when .whl/ exists
+#   --only LIST     run only these steps (comma-separated, e.g. tp-1b,screen: a rerun of what failed);
+#                   install and imports always run
 #   --pip-install   create a fresh venv and pip install torch==2.13.0 (from the default index: the
 #                   CUDA wheel on Linux) and then `pip install -e .`; needs a package registry
 #                   (a machine without one fails this step in seconds and goes on with python3)
 # Environment: LENSRAY_PYTHON (an existing environment's python: no install), GPU_CHECK_BUDGET_S
-# (the whole script's time, default 540), GPU_CHECK_WORK (work folder, default
+# (the whole script's time, default 450), GPU_CHECK_WORK (work folder, default
 # /tmp/lensray-gpu-check), GPU_PEAK_TFLOPS (the chip's peak for the MFU instead of the table in
 # probe_throughput.py), LENSRAY_CACHE (tiny models, default /tmp/lensray-gpu-cache).
 #
 # Every step runs under `timeout` within the budget left, and one failing step does not stop the
 # others. OUTDIR receives four files: summary.json and summary.md (each step's exit status, time
 # and figures), gpu_check.log (every step's output) and work.tar.gz (logs, figures, the screening's
-# outputs). The table is printed at the end.
+# outputs). The table is printed at the end; the exit status is 1 when a step failed, timed out or found no time left.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CHECKS="tp-125m tp-1b oom ntk screen"
+ONLY=
 DRY=0
 INSTALL=auto
 WHEELS=
@@ -41,6 +45,10 @@ while (($#)); do
         --skip-install) INSTALL=skip ;;
         --pip-install) INSTALL=pip ;;
         --wheels) INSTALL=wheels; WHEELS=${2:?--wheels needs a folder}; shift ;;
+        --only) ONLY=${2:?--only needs a list of steps}; shift
+                for s in ${ONLY//,/ }; do
+                    [[ " $CHECKS " == *" $s "* ]] || { echo "error: --only: unknown step '$s' (steps: $CHECKS)" >&2; exit 2; }
+                done ;;
         -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d'; exit 0 ;;
         -*) echo "error: unknown option $1" >&2; exit 2 ;;
         *) OUTDIR=$1 ;;
@@ -51,7 +59,7 @@ OUTDIR=${OUTDIR:-${OUT:-runs/gpu-check}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 WORK=${GPU_CHECK_WORK:-/tmp/lensray-gpu-check}
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-450}
 SITE=$WORK/site
 rm -rf "$WORK"
 mkdir -p "$WORK/logs" "$WORK/figures"
@@ -84,6 +92,9 @@ record() { printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$STEPS"; }
 step() {
     local name=$1 limit=$2
     shift 2
+    if [[ -n $ONLY && " $CHECKS " == *" $name "* && ",$ONLY," != *",$name,"* ]]; then
+        return 0
+    fi
     local left=$((BUDGET - (SECONDS - T0) - 15))
     ((left < limit)) && limit=$left
     if ((limit < 20)); then
@@ -195,7 +206,7 @@ if ((DRY)); then
     SCREEN=(--tiny)
 else
     DEV=(--device cuda)
-    TP=(--seq-len 512 --micro-batch 32 --steps 10 --warmup-steps 3 ${GPU_PEAK_TFLOPS:+--peak-tflops "$GPU_PEAK_TFLOPS"})
+    TP=(--seq-len 512 --micro-batch 32 --steps 20 --warmup-steps 3 ${GPU_PEAK_TFLOPS:+--peak-tflops "$GPU_PEAK_TFLOPS"})
     OOM=(--seq-len 512 --micro-batch 1024)
     NTK=(--seq-len 512)
     SCREEN=()
@@ -232,3 +243,5 @@ tar -C "$WORK" --exclude=site --exclude=venv --exclude=screen/tune -czf "$OUTDIR
 echo
 write_summary
 echo "total $((SECONDS - T0)) s; summary in $OUTDIR/summary.md and summary.json"
+# exit status: 0 when every selected step ran and succeeded, else 1 (the summary names the steps)
+! cut -f5 "$STEPS" | grep -qE '^(failed|timed out|skipped \(no time left\))$'

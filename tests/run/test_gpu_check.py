@@ -41,3 +41,5 @@ def test_gpu_check_script_parses_and_refuses_unknown_options(tmp_path):
     assert helped.returncode == 0 and "--cpu-dry-run" in helped.stdout
     bad = subprocess.run(["bash", str(script), "--bogus", str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    bad = subprocess.run(["bash", str(script), "--only", "tp-1b,tp-2b", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--only: unknown step 'tp-2b'" in bad.stderr
