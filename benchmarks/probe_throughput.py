@@ -6,15 +6,17 @@ accumulation, target-only loss) on fixed-length language-modelling rows and repo
 - tokens/s: training tokens processed per second of training (evaluation excluded);
 - MFU: 6 * N * tokens/s divided by the device's peak FLOP/s (attention-score FLOPs are not
   counted, as in the papers' compute accounting). The peak is a datasheet figure for known
-  GPUs (dense bf16, or fp32 without --bf16), ``--peak-tflops`` when given, and on CPU the
+  GPUs (dense bf16, or fp32 with --no-bf16), ``--peak-tflops`` when given, and on CPU the
   best fp32 matrix-multiply rate measured on the spot with the same number of threads.
 
 Models: any id that ``lensray.engine.models.load_candidate`` takes (``tiny:gpt2:n_layer=2``, a folder,
-a hub id), or a preset built from config in memory: ``gpt2-125m`` (GPT-2 small shape, 124M)
-and ``llama-1b`` (TinyLlama shape, 1.1B).
+a hub id), or a preset built from config on the measuring device: ``gpt2-125m`` (GPT-2 small
+shape, 124M) and ``llama-1b`` (TinyLlama shape, 1.1B); ``--tiny`` builds a preset's family at a
+tiny shape, for dry runs of the GPU commands on a CPU.
 
     python benchmarks/probe_throughput.py --model gpt2-125m --device cpu --seq-len 128 --steps 4
     python benchmarks/probe_throughput.py --model llama-1b --device cuda --seq-len 512 --micro-batch 16
+    python benchmarks/probe_throughput.py --model llama-1b --tiny --device cpu --no-bf16 --seq-len 64 --steps 2
 """
 
 from __future__ import annotations
@@ -44,21 +46,55 @@ GPU_PEAKS = {
 }
 
 
-def preset_model(name: str) -> Any:
-    """A model built from config in memory (seeded init), or None for other ids."""
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gpt2-125m": ("gpt2", {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}),
+    "llama-1b": ("llama", {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                           "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000,
+                           "max_position_embeddings": 2048}),
+}
+"""Models built from config in memory: family and config fields."""
+
+TINY_SHAPES: dict[str, dict[str, Any]] = {
+    "gpt2": {"n_layer": 2, "n_embd": 64, "n_head": 4},
+    "llama": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2},
+}
+"""``--tiny``: the preset's family, vocabulary and attention layout at a few million parameters
+(CPU dry runs of the GPU benchmarks)."""
+
+
+def resolve_device(device: str) -> "torch.device":
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no GPU")
+    return torch.device(device)
+
+
+def preset_model(name: str, tiny: bool = False, device: "torch.device | str" = "cpu") -> Any:
+    """A preset built from config (seeded init) directly on ``device``, or None for other ids."""
     import transformers
 
-    if name == "gpt2-125m":
-        config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    elif name == "llama-1b":
-        config = transformers.LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                          num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                          max_position_embeddings=2048)
-    else:
+    if name not in PRESETS:
         return None
+    family, fields = PRESETS[name]
+    fields = {**fields, **(TINY_SHAPES[family] if tiny else {})}
+    config = transformers.AutoConfig.for_model(family, **fields)
     config.pad_token_id, config.eos_token_id, config.bos_token_id = 0, 2, 1
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with torch.device(device):  # a 1B model initialised on the GPU takes seconds, on the CPU minutes
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+
+
+def build(model_id: str, tiny: bool, device: "torch.device") -> tuple[Any, Any, str]:
+    """(model, tokenizer, kind) of a preset (character tokenizer) or a candidate id."""
+    model = preset_model(model_id, tiny, device)
+    if model is not None:
+        return model, char_tokenizer(), "causal"
+    if tiny:
+        raise SystemExit(f"error: --tiny applies to the presets {sorted(PRESETS)}, not to {model_id!r}")
+    return load_candidate(model_id)
 
 
 def cpu_peak_flops(threads: int, size: int = 1024, reps: int = 5) -> float:
@@ -82,7 +118,7 @@ def gpu_peak_flops(bf16: bool) -> tuple[float, str]:
     for key, (peak_bf16, peak_fp32) in GPU_PEAKS.items():
         if key in name:
             return (peak_bf16 if bf16 else peak_fp32), f"{name} datasheet ({'bf16' if bf16 else 'fp32'} dense)"
-    raise SystemExit(f"unknown GPU {name!r}: pass --peak-tflops")
+    raise SystemExit(f"error: unknown GPU {name!r}: pass --peak-tflops")
 
 
 def lm_rows(n: int, seq_len: int, seed: int = 0) -> list[Example]:
@@ -93,11 +129,7 @@ def lm_rows(n: int, seq_len: int, seed: int = 0) -> list[Example]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    model = preset_model(args.model)
-    if model is not None:
-        tokenizer, kind = char_tokenizer(), "causal"
-    else:
-        model, tokenizer, kind = load_candidate(args.model)
+    model, tokenizer, kind = build(args.model, args.tiny, resolve_device(args.device))
     per_step = args.micro_batch * args.grad_accum
     rows = lm_rows((args.steps + args.warmup_steps) * per_step + 2, args.seq_len)
     data = TaskData(train=rows[2:], validation=[], test=rows[:2], n_rows=len(rows))
@@ -120,7 +152,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         peak, source = cpu_peak_flops(threads), f"measured fp32 matmul peak, {threads} thread(s)"
     device = torch.cuda.get_device_name() if runner.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads max)"
     return {
-        "model": args.model, "n_params": result.n_params, "device": device,
+        "model": args.model + (" (tiny)" if args.tiny else ""), "n_params": result.n_params, "device": device,
         "dtype": "bf16 autocast" if (args.bf16 and runner.device.type == "cuda") else "fp32",
         "seq_len": args.seq_len, "micro_batch": args.micro_batch, "grad_accum": args.grad_accum,
         "steps": result.steps, "tokens": result.tokens, "train_seconds": round(result.train_seconds, 3),
@@ -134,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny:gpt2:n_layer=2,n_embd=64", help="gpt2-125m, llama-1b, or a candidate id")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--tiny", action="store_true", help="the preset's family at a tiny shape (CPU dry runs)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sample")
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1)
