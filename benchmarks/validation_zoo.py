@@ -472,6 +472,36 @@ def ranking_change(losses: np.ndarray, ids: list[str], sizes: Sequence[int]) -> 
     return {"best": best, "spearman_vs_target": rho}
 
 
+def ntk_columns(path: Path, prefix: str = "ntk_F@") -> tuple[list[int], np.ndarray]:
+    """The D of every ``<prefix><D>`` column of a curves table and their values (n, m); NaN where empty."""
+    import csv
+
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh))
+    cols = [(j, int(h[len(prefix):])) for j, h in enumerate(rows[0]) if h.startswith(prefix)]
+    values = np.array([[float(r[j]) if r[j].strip() else np.nan for j, _ in cols] for r in rows[1:]])
+    return [d for _, d in cols], values.reshape(len(rows) - 1, len(cols))
+
+
+def fit_rmse(path: Path) -> dict[str, dict[str, float]]:
+    """In-sample log-space RMSE of the rectified law and the LensLLM law (F from the NTK per point,
+    F from the NTK per curve (F at D = 0), F free) on every curve of a validation-zoo table."""
+    from lensray.core.curves import load_curves_csv
+    from lensray.core.laws import get_law
+
+    curves = load_curves_csv(path)
+    d_ntk, F = ntk_columns(path)
+    if d_ntk != [int(d) for d in curves.D]:
+        raise SystemExit(f"error: {path}: the ntk_F@<D> columns {d_ntk} do not match the loss columns")
+    fits = {"rectified": get_law("rectified").fit(curves.D, curves.L),
+            "lensllm, NTK F per point": get_law("lensllm").fit(curves.D, curves.L, F=F),
+            "lensllm, NTK F per curve (D = 0)": get_law("lensllm").fit(curves.D, curves.L, F=F[:, 0]),
+            "lensllm, F free": get_law("lensllm").fit(curves.D, curves.L)}
+    return {name: {"mean": float(np.nanmean(law.rmse_)), "median": float(np.nanmedian(law.rmse_)),
+                   "max": float(np.nanmax(law.rmse_)), "n_fitted": int(np.sum(law.fitted_))}
+            for name, law in fits.items()}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -488,6 +518,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=256, help="held-out test rows of the task")
     p.add_argument("--corpus-chars", type=int, default=3_000_000, help="characters read per corpus")
     p.add_argument("--max-pages", type=int, default=None, help="read at most this many man pages (tests)")
+    p.add_argument("--fit-report", action="store_true", help="only print the laws' in-sample RMSE on --out")
     return p.parse_args(argv)
 
 
@@ -498,6 +529,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lensray.engine.probe import ProbeConfig
 
     args = parse_args(argv)
+    if args.fit_report:
+        for name, r in fit_rmse(Path(args.out)).items():
+            print(f"{name:>34}: RMSE mean {r['mean']:.4f}  median {r['median']:.4f}  max {r['max']:.4f}  "
+                  f"({r['n_fitted']} fitted)")
+        return 0
     torch.set_num_threads(1)
     work = Path(args.work)
     sizes = grid(args.target, args.start)

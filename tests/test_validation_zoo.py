@@ -103,3 +103,12 @@ def test_two_candidates_probes_resume_and_table(vz, tmp_path):
         assert p["ntk"]["steps"] == p["steps"]
     assert float(row["ntk_F@0"]) == pytest.approx(done[0]["probes"][0]["ntk"]["residual_norm2"], rel=1e-5)
     assert json.loads((tmp_path / "models" / done[0]["info"]["name"] / "zoo.json").read_text())["pretrain_steps"] == 3
+
+    # the NTK columns read back per point, and every law fits both curves from them
+    d_ntk, F = vz.ntk_columns(tmp_path / "zoo.csv")
+    assert d_ntk == sizes
+    np.testing.assert_allclose(F, [[p["ntk"]["F"] for p in d["probes"]] for d in done], rtol=1e-5)
+    report = vz.fit_rmse(tmp_path / "zoo.csv")
+    assert set(report) == {"rectified", "lensllm, NTK F per point", "lensllm, NTK F per curve (D = 0)",
+                           "lensllm, F free"}
+    assert all(r["n_fitted"] == 2 and np.isfinite(r["mean"]) for r in report.values())
