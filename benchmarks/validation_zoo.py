@@ -26,7 +26,7 @@ What it builds (all under ``--work``, default ``runs/validation-zoo``; nothing t
    own). Written as ``task/options.jsonl``, read by lensray as a local task file
    (``TaskConfig(source=..., template="{input}: ")``): 256 test rows, 64 validation rows
    (unused: no early stopping) and the train pool that nested subsets are drawn from.
-3. A **zoo** of 12 candidates (``ZOO``): GPT-2, Llama and OPT configs in three sizes (S, M, L:
+3. A **zoo** of 14 candidates (``ZOO``): GPT-2, Llama and OPT configs in three sizes (S, M, L:
    33K-39K, 115K-144K and 358K-462K parameters), each pre-trained here (causal LM on random
    64-character windows, batch 16, AdamW) for 250 to 1500 optimiser steps on one corpus,
    saved with ``save_pretrained`` (model and tokenizer) into ``models/<name>/`` and loaded back
@@ -119,6 +119,9 @@ ZOO: tuple[Spec, ...] = (
     Spec("opt", "M", "changelogs", 250, 10),
     Spec("opt", "L", "licences", 1000, 11),
     Spec("opt", "S", "pydoc", 1500, 12, "b"),
+    # two more large checkpoints of the family that leads the first twelve, so that its top is contested
+    Spec("llama", "L", "pydoc", 1500, 13, "c"),
+    Spec("llama", "L", "changelogs", 250, 14, "d"),
 )
 
 
