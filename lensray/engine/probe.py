@@ -862,8 +862,3 @@ class ProbeRunner:
             attempts=len(log), attempt_log=log, seed=seed, micro_batch=mb, grad_accum=ga, kind=self.kind,
         )
 
-
-def run_probe(model: str, task: TaskConfig | None, probe: ProbeConfig | None, n_samples: int,
-              seed: int | None = None, **kw: Any) -> ProbeResult:
-    """One-off probe: load ``model`` and run a single probe of ``n_samples``."""
-    return ProbeRunner(model, task, probe, **kw).run(n_samples, seed)

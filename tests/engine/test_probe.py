@@ -47,10 +47,8 @@ def test_probe_accounting(data):
     assert r.wall_seconds > 0 and r.peak_memory_bytes > 0
 
 
-def test_run_probe_one_off(data):
-    from lensray.engine.probe import run_probe
-
-    r = run_probe(GPT2, TASK, ProbeConfig(**FAST), 32, seed=1, task_data=data)
+def test_a_fresh_runner_repeats_a_seeded_probe(data):
+    r = ProbeRunner(GPT2, TASK, ProbeConfig(**FAST), task_data=data).run(32, seed=1)
     assert r.status == "ok" and r.seed == 1 and r.test_loss == runner(data).run(32, seed=1).test_loss
 
 
