@@ -41,12 +41,11 @@ class _Set(argparse.Action):
         namespace.sets = sets
 
 
-def _add_sets(p: argparse.ArgumentParser, shortcuts: dict[str, tuple[str, type, str]]) -> None:
+def _add_sets(p: argparse.ArgumentParser, shortcuts: dict[str, tuple[str, type, str]], example: str) -> None:
     """``--set KEY=VALUE`` and the shortcut flags ``{flag: (config key, type, help)}``, all config overrides."""
     p.set_defaults(sets=[])
     p.add_argument("--set", action=_Set, metavar="KEY=VALUE", default=[],
-                   help="set a config key (dotted, e.g. grid.max_samples=800 or zoo[0].gpus=1; the value is YAML); "
-                        "repeatable, later wins")
+                   help=f"set a config key (dotted, e.g. {example}; the value is YAML); repeatable, later wins")
     for flag, (key, kind, text) in shortcuts.items():
         p.add_argument(flag, action=_Set, key=key, type=kind, metavar=flag.lstrip("-").split("-")[-1].upper(),
                        help=f"{text} (--set {key}=...)")
@@ -61,7 +60,8 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
                    help="also compute the NTK features (--set probe.ntk=true)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     _add_sets(p, {"--device": ("probe.device", str, "'cpu', 'cuda' or 'auto'"),
-                  "--seed": ("probe.seed", int, "random seed (subsets, init of heads, data order)")})
+                  "--seed": ("probe.seed", int, "random seed (subsets, init of heads, data order)")},
+              "probe.epochs=1 or task.max_length=256")
     p.set_defaults(func=_lazy("lensray.cli.probe", "cli_main"))
 
 
@@ -75,7 +75,8 @@ def _add_screen(sub: argparse._SubParsersAction) -> None:
     _add_sets(p, {"--out": ("storage.path", str, "output folder or URI"),
                   "--address": ("ray.address", str, "Ray address (default: a local Ray)"),
                   "--max-samples": ("grid.max_samples", int, "largest probe size D_max (required with --replay)"),
-                  "--target-samples": ("target_samples", int, "D*: the full fine-tuning data size")})
+                  "--target-samples": ("target_samples", int, "D*: the full fine-tuning data size")},
+              "grid.max_samples=800 or zoo[0].gpus=1")
     p.set_defaults(func=_lazy("lensray.cli.screen", "cli_main"))
 
 

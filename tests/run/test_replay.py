@@ -30,7 +30,8 @@ def ray_local():
 
 def _replay(csv, out, max_samples, resume=False, concurrent=None):
     config, curves = replay_config(csv, overrides={"storage.path": str(out), "grid.max_samples": max_samples,
-                                                   "target_samples": TARGET})
+                                                   "target_samples": TARGET},
+                                   warn=lambda line: print(f"warning: {line}", file=sys.stderr))
     config.ray.max_concurrent_trials = concurrent
     return screen(config, resume=resume, backend="replay", replay=curves, progress=False), curves
 
