@@ -73,11 +73,10 @@ def _replay(csv: Path, out: Path, max_samples: int, level: float | None = None, 
 def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None = None,
                    target: int = TARGET) -> tuple:
     """The config and curves of ``lensray screen --replay csv [settings]``, as the CLI builds them."""
-    from lensray.cli.screen import replay_config
+    from lensray.run.config import replay_config
 
-    args = argparse.Namespace(replay=str(csv), config=None if settings is None else str(settings), out=str(out),
-                              address=None, max_samples=max_samples, target_samples=target, resume=False)
-    return replay_config(args)
+    return replay_config(csv, settings, {"storage.path": str(out), "grid.max_samples": max_samples,
+                                         "target_samples": target})
 
 
 def _timed_forecaster():

@@ -13,15 +13,6 @@ class LensrayInputError(ValueError):
     exit_code = 2
 
 
-class ProbeDivergedError(RuntimeError):
-    """A probe's loss became NaN or infinite."""
-
-    def __init__(self, message: str, step: int | None = None, learning_rate: float | None = None):
-        super().__init__(message)
-        self.step = step
-        self.learning_rate = learning_rate
-
-
 def one_line(exc: BaseException | str, limit: int | None = None) -> str:
     """``exc``'s message on one line (whitespace collapsed), cut to ``limit`` characters."""
     text = " ".join(str(exc).split()) or type(exc).__name__

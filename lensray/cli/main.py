@@ -24,29 +24,59 @@ def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("lensray.run.benchmark", "cli_main"))
 
 
+class _Set(argparse.Action):
+    """Append a config override ``(key, value)`` to ``namespace.sets``: ``--set KEY=VALUE``
+    (value read as YAML), or a shortcut flag bound to one key."""
+
+    def __init__(self, option_strings, dest, key: str | None = None, **kwargs):
+        self.key = key
+        super().__init__(option_strings, "sets", **kwargs)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        from lensray.run.config import parse_set
+
+        value = self.const if self.nargs == 0 else value
+        sets = list(getattr(namespace, "sets", None) or [])
+        sets.append((self.key, value) if self.key else parse_set(value))
+        namespace.sets = sets
+
+
+def _add_sets(p: argparse.ArgumentParser, shortcuts: dict[str, tuple[str, type, str]], example: str) -> None:
+    """``--set KEY=VALUE`` and the shortcut flags ``{flag: (config key, type, help)}``, all config overrides."""
+    p.set_defaults(sets=[])
+    p.add_argument("--set", action=_Set, metavar="KEY=VALUE", default=[],
+                   help=f"set a config key (dotted, e.g. {example}; the value is YAML); repeatable, later wins")
+    for flag, (key, kind, text) in shortcuts.items():
+        p.add_argument(flag, action=_Set, key=key, type=kind, metavar=flag.lstrip("-").split("-")[-1].upper(),
+                       help=f"{text} (--set {key}=...)")
+
+
 def _add_probe(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("probe", help="fine-tune one candidate on nested subsets and print its curve")
     p.add_argument("--model", required=True, help="hub id or local folder of the candidate")
     p.add_argument("--task", default="synthetic", help="task YAML file, or 'synthetic' for the built-in task")
     p.add_argument("--sizes", default="0,200,400,800", help="comma-separated subset sizes (0 = zero-shot)")
-    p.add_argument("--ntk", action="store_true", help="also compute the NTK features")
-    p.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto'")
-    p.add_argument("--seed", type=int, default=0, help="random seed (subsets, init of heads, data order)")
+    p.add_argument("--ntk", action=_Set, key="probe.ntk", nargs=0, const=True,
+                   help="also compute the NTK features (--set probe.ntk=true)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_sets(p, {"--device": ("probe.device", str, "'cpu', 'cuda' or 'auto'"),
+                  "--seed": ("probe.seed", int, "random seed (subsets, init of heads, data order)")},
+              "probe.epochs=1 or task.max_length=256")
     p.set_defaults(func=_lazy("lensray.cli.probe", "cli_main"))
 
 
 def _add_screen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("screen", help="screen a zoo of candidates on Ray and select the best one")
     p.add_argument("config", nargs="?", default=None, help="screening config YAML")
-    p.add_argument("--out", default=None, help="output folder or URI (overrides storage.path)")
     p.add_argument("--resume", action="store_true", help="continue a killed run in the same output")
     p.add_argument("--replay", default=None, help="curves CSV: replay recorded curves instead of fine-tuning")
-    p.add_argument("--max-samples", type=int, default=None, help="largest probe size D_max (replay)")
-    p.add_argument("--target-samples", type=int, default=None, help="D*: the full fine-tuning data size (replay)")
-    p.add_argument("--address", default=None, help="Ray address (default: a local Ray)")
     p.add_argument("--plan", action="store_true",
                    help="print what the run would probe and its worst-case compute, then exit (no Ray, nothing written)")
+    _add_sets(p, {"--out": ("storage.path", str, "output folder or URI"),
+                  "--address": ("ray.address", str, "Ray address (default: a local Ray)"),
+                  "--max-samples": ("grid.max_samples", int, "largest probe size D_max (required with --replay)"),
+                  "--target-samples": ("target_samples", int, "D*: the full fine-tuning data size")},
+              "grid.max_samples=800 or zoo[0].gpus=1")
     p.set_defaults(func=_lazy("lensray.cli.screen", "cli_main"))
 
 
@@ -60,7 +90,10 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lensray import __version__
+
     parser = argparse.ArgumentParser(prog="lensray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lensray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_benchmark, _add_probe, _add_screen):
         add(sub)
@@ -68,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except LensrayInputError as exc:
         from lensray.redact import redact

@@ -1,8 +1,7 @@
 """``lensray probe``: run the probes of one candidate on nested subsets and print its curve.
 
-``--task`` is 'synthetic' or a YAML file: task fields at the top level, or ``task:`` and
-``probe:`` sections (a screening config works as is). ``--device``, ``--seed`` and ``--ntk``
-override the probe section when given.
+``--task`` is 'synthetic' or a YAML file (:func:`load_probe_config`); ``--set probe.KEY=VALUE``
+and its shortcuts ``--device``, ``--seed`` and ``--ntk`` override its probe section.
 """
 
 from __future__ import annotations
@@ -11,10 +10,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from lensray.errors import LensrayInputError
+from pydantic import BaseModel, ConfigDict, Field
+
+from lensray.engine.data import TaskConfig
 from lensray.engine.probe import ProbeConfig, ProbeRunner
+from lensray.errors import LensrayInputError
 
 
 def parse_sizes(text: str) -> list[int]:
@@ -28,50 +30,34 @@ def parse_sizes(text: str) -> list[int]:
     return sorted(sizes)
 
 
-def _validated(cls: Any, raw: Any, spec: str, section: str) -> Any:
-    from pydantic import ValidationError
+class ProbeCommandConfig(BaseModel):
+    """What ``lensray probe`` reads from ``--task``: its task and probe sections (other keys ignored)."""
 
-    if not isinstance(raw, dict):
-        raise LensrayInputError(f"--task {spec}: {section} must be a mapping")
-    try:
-        return cls(**raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise LensrayInputError(f"--task {spec}: {section}.{field}: {err['msg']}") from None
+    model_config = ConfigDict(extra="ignore")
+
+    task: TaskConfig = Field(default_factory=TaskConfig, description="the fine-tuning task")
+    probe: ProbeConfig = Field(default_factory=ProbeConfig, description="probe hyperparameters")
 
 
-def load_configs(spec: str) -> tuple[Any, dict[str, Any]]:
-    """(TaskConfig, probe settings) from 'synthetic' or a YAML file.
+def load_probe_config(spec: str, overrides: Mapping[str, Any] | None = None) -> ProbeCommandConfig:
+    """Task and probe settings from 'synthetic' or a YAML file, with ``overrides`` (``probe.seed``, ...).
 
     The YAML holds task fields at the top level, or ``task:`` and optionally ``probe:``
     sections (a screening config works as is).
     """
-    import yaml
+    from lensray.run.config import read_yaml, validate
 
-    from lensray.engine.data import TaskConfig
-
+    for key in overrides or {}:
+        if not key.startswith(("task.", "probe.")):
+            raise LensrayInputError(f"--set {key}: lensray probe takes task.* and probe.* keys only")
     if spec == "synthetic":
-        return TaskConfig(), {}
-    path = Path(spec)
-    if not path.is_file():
+        raw: dict[str, Any] = {}
+    elif not Path(spec).is_file():
         raise LensrayInputError(f"--task: {spec} is neither 'synthetic' nor a YAML file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise LensrayInputError(f"--task: {spec} is not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(raw, dict):
-        raise LensrayInputError(f"--task: {spec} must hold a mapping of task fields")
-    if "task" not in raw:
-        return _validated(TaskConfig, raw, spec, "task"), {}
-    probe = raw.get("probe") or {}
-    _validated(ProbeConfig, probe, spec, "probe")
-    return _validated(TaskConfig, raw["task"], spec, "task"), dict(probe)
-
-
-def load_task_config(spec: str) -> Any:
-    """The TaskConfig of ``--task`` ('synthetic' or a YAML file)."""
-    return load_configs(spec)[0]
+    else:
+        raw = read_yaml(spec, what=f"--task {spec}")
+        raw = {k: v for k, v in raw.items() if v is not None} if "task" in raw else {"task": raw}
+    return validate(ProbeCommandConfig, raw, overrides, where=f"--task {spec}: ")
 
 
 def _table(results: list[dict[str, Any]]) -> str:
@@ -91,13 +77,8 @@ def _table(results: list[dict[str, Any]]) -> str:
 def cli_main(args: argparse.Namespace) -> int:
     """Run the probes; print a table, or one JSON object with ``--json``."""
     sizes = parse_sizes(args.sizes)
-    task, settings = load_configs(args.task)
-    if args.device != "auto" or "device" not in settings:  # flags override the YAML's probe section
-        settings["device"] = args.device
-    if args.seed != 0 or "seed" not in settings:
-        settings["seed"] = args.seed
-    settings["ntk"] = bool(args.ntk or settings.get("ntk", False))
-    probe = ProbeConfig(**settings)
+    settings = load_probe_config(args.task, dict(args.sets))
+    task, probe = settings.task, settings.probe
     runner = ProbeRunner(args.model, task, probe).load()
     runner.data.subset(sizes[-1])  # a size larger than the train split fails here, before any training
     if not args.json:

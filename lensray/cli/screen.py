@@ -2,9 +2,12 @@
 
 Two forms::
 
-    lensray screen CONFIG.yaml [--out DIR] [--resume] [--address ADDR]
-    lensray screen --replay CURVES.csv --max-samples N --target-samples N [--out DIR] [--resume]
+    lensray screen CONFIG.yaml [--out DIR] [--resume] [--set KEY=VALUE ...]
+    lensray screen --replay CURVES.csv --max-samples N [CONFIG.yaml] [--out DIR] [--resume]
     lensray screen ... --plan     # what it would probe and its worst-case compute; no Ray, nothing written
+
+``--set`` and the shortcut flags (``--out`` is ``--set storage.path=...``, see ``lensray.cli.main``)
+become config overrides (:func:`lensray.run.config.load_config`).
 
 Exit code 0 when a candidate was selected (a warning line names failed candidates), 1 when every
 candidate failed, 2 for bad input (raised as LensrayInputError, printed by ``lensray.cli.main``).
@@ -14,92 +17,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
-
-from lensray.errors import LensrayInputError
-
-DEFAULT_REPLAY_OUT = "runs/replay"
-
-
-def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
-    """Config and curves of a replay run; the zoo is the table's rows (or the config's zoo)."""
-    from lensray.run.config import load_config
-    from lensray.core.curves import load_curves_csv
-
-    if args.max_samples is None:
-        raise LensrayInputError("--max-samples: required with --replay (the probe budget D_max)")
-    curves = load_curves_csv(args.replay, allow_missing=True)
-    curves.budget(args.max_samples)  # at least 3 points with D > 0 under the budget
-    overrides = {"storage.path": args.out, "ray.address": args.address,
-                 "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
-    zoo = [{"id": cid, **({"size": float(s)} if s == s else {}), "family": f}
-           for cid, s, f in zip(curves.ids, curves.size, curves.family)]
-    positive = [int(d) for d in curves.D if d > 0]
-    base = {"name": f"replay-{Path(args.replay).stem}", "zoo": zoo, "storage": {"path": DEFAULT_REPLAY_OUT},
-            "grid": {"start": positive[0], "factor": 2, "zero_shot": bool((curves.D == 0).any())}}
-    if args.config is not None:
-        # the config's settings (predictor, pruning, ...) on the table's zoo unless it lists its own
-        given = _read_yaml(args.config)
-        config = load_config({**base, **given, "grid": {**base["grid"], **given.get("grid", {})}}, overrides,
-                             check_task=False)
-        missing = [c.id for c in config.zoo if c.id not in curves.ids]
-        if missing:
-            raise LensrayInputError(f"zoo: candidate {missing[0]!r} has no row in {args.replay} (column 'config name')")
-        curves = curves.take([curves.ids.index(c.id) for c in config.zoo])
-    else:
-        config = load_config(base, overrides, check_task=False)
-    _warn_incomplete(curves.budget(args.max_samples), args.replay, {c.id for c in config.zoo if c.size})
-    return config, curves
-
-
-def _warn_incomplete(seen: Any, path: str, sized: set[str]) -> None:
-    """One warning line each for missing losses under the budget (those probes are skipped) and
-    rows without a size, in the table or in the config's zoo (``sized``): their probes are not billed."""
-    import numpy as np
-
-    holes = [(cid, d) for cid, sizes in seen.missing().items() for d in sizes]
-    if holes:
-        where = "; ".join(f"row '{c}' column '{d}'" for c, d in holes[:3]) + (" ..." if len(holes) > 3 else "")
-        _say(f"warning: {path}: {len(holes)} loss(es) missing under the budget ({where}); those probes are "
-             "skipped and the candidates fitted on the rest", file=sys.stderr)
-    unsized = [cid for cid, s in zip(seen.ids, seen.size) if not np.isfinite(s) and cid not in sized]
-    if unsized:
-        names = ", ".join(unsized[:3]) + (" ..." if len(unsized) > 3 else "")
-        _say(f"warning: {path}: no size for {len(unsized)} candidate(s) ({names}); their probes are not billed "
-             "and the saved fraction covers the others", file=sys.stderr)
-
-
-def _read_yaml(path: str) -> dict:
-    """A config file as a mapping (safe loader), errors naming the file."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LensrayInputError(f"config: file not found: {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise LensrayInputError(f"config: {path} is not valid YAML: {' '.join(str(exc).split())[:200]}") from None
-    if not isinstance(data, dict):
-        raise LensrayInputError(f"config: {path} must hold a mapping of keys")
-    return data
 
 
 def cli_main(args: argparse.Namespace) -> int:
     """Run ``lensray screen``; returns the exit code."""
-    from lensray.run.config import load_config
+    from lensray.run.config import run_inputs
     from lensray.redact import install_log_redaction
 
     install_log_redaction()  # before anything logs: secret env values never reach a log line
-    if args.replay:
-        config, curves = replay_config(args)
-        backend = "replay"
-    else:
-        overrides = {"storage.path": args.out, "ray.address": args.address,
-                     "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
-        config, curves, backend = load_config(args.config, overrides), None, "train"
-        check_file_task(config)
-
+    config, curves = run_inputs(args.config, dict(args.sets), replay=args.replay,
+                                warn=lambda line: _say(f"warning: {line}", file=sys.stderr))
     if args.plan:
         from lensray.run.ranking import plan_bill
 
@@ -107,7 +35,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from lensray.run.screen import screen
 
-    selection = screen(config, resume=args.resume, backend=backend, replay=curves)
+    selection = screen(config, resume=args.resume, backend="train" if curves is None else "replay", replay=curves)
     return summarise(selection, config.storage.path)
 
 
@@ -134,21 +62,6 @@ def print_plan(plan: dict, stream: Any = None) -> int:
         _say(f"not billed (no size, and no model config to count it from): {', '.join(plan['unsized'])}",
              file=stream)
     return 0
-
-
-def check_file_task(config: Any) -> None:
-    """Before any Ray work: a local-file task must load and its train split hold ``grid.max_samples`` rows.
-
-    (``load_config`` sizes the synthetic task itself; hub tasks are left to the workers.)
-    """
-    from lensray.run.config import check_train_size
-    from lensray.engine.data import _local_files, load_task
-
-    if config.task.source != "synthetic" and _local_files(config.task.source) is not None:
-        import datasets
-
-        datasets.disable_progress_bars()  # an error stays one line; the driver prints its own progress
-        check_train_size(config, len(load_task(config.task).train))
 
 
 def summarise(selection: dict, out: str, stream=sys.stdout) -> int:

@@ -204,7 +204,7 @@ def forecasts_from(curves: Curves, pred: Any, level: float, split: bool = True) 
     (and a prediction that carries it: ``lensray``) the zoo-common and own half-widths at ``level``."""
     n = len(curves)
     common = own = np.full(n, np.nan)
-    if split and pred.error_split is not None:  # lensray.core.selection.lensray_error_split
+    if split and pred.error_split is not None:  # the lensray predictor's zoo-common and own parts
         z = float(stats.norm.ppf(0.5 + level / 2))
         common, own = (z * v for v in pred.error_split)
     seen = np.isfinite(curves.L)

@@ -40,8 +40,8 @@ s^2 = SSR / (m - p) (m valid points, p parameters), Var[log L_new(D)] = g(D)^T C
 (parameter uncertainty plus the noise of a new observation), and the interval
 exp(log L_hat(D) -/+ t_{(1+level)/2, m-p} sqrt(Var)). It is NaN where m <= p.
 
-LensLLM, operational definition (DESIGN.md §2)
-----------------------------------------------
+LensLLM (Zeng et al., ICML 2025), operational definition
+--------------------------------------------------------
 F(Theta, t) = ||expm(-eta Theta t) r0||^2 comes from the NTK features (lensray/engine/ntk.py: probe set
 of n training samples, r0 their per-token mean NLL, Theta the sketched empirical NTK, t the
 probe's optimiser steps, eta its learning rate; F(0) = ||r0||^2). It is a squared norm of

@@ -1,4 +1,4 @@
-"""Selection metrics of the benchmark protocol (DESIGN.md §3).
+"""Selection metrics of the benchmark protocol (:mod:`lensray.run.benchmark`).
 
 All metrics compare a method's output on the visible budget with the true losses at D*.
 

@@ -1,18 +1,12 @@
 """Phase detection on fine-tuning curves: pre-power phase (small D, flat) vs power phase.
 
-Two detectors:
-
-- **AtS** (Accept-then-Stop, Lin et al. 2024), reference-compatible. Points ``D > 0`` in
-  increasing order ``x_0 < ... < x_{n-1}``, in log-log. With ``p = k, k+1, ...`` the OLS line
-  through the last ``p`` points is fitted; the population standard deviation (ddof = 0) of its
-  residuals gives the standardised residual ``|r| / std`` of the next smaller point
-  ``x_{n-p-1}``; the walk stops at the first point above ``delta`` and the line is refitted on
-  the last ``p`` points. Quirks of the reference code, reproduced on purpose: when no point is
-  rejected the loop ends at ``p = n - 1``, so the smallest point is never used; with
-  ``n <= k`` points all of them are used.
-- **Rectified-law transition**: fit ``L = B / (D_l + D^beta) + E`` and report ``D_t`` where
-  ``D_t^beta = D_l`` (the pre-learned data size is matched by the data seen): below ``D_t``
-  the curve is in its pre-power phase, above it in the power phase.
+**AtS** (Accept-then-Stop, Lin et al. 2024), reference-compatible. Points ``D > 0`` in increasing
+order ``x_0 < ... < x_{n-1}``, in log-log. With ``p = k, k+1, ...`` the OLS line through the last
+``p`` points is fitted; the population standard deviation (ddof = 0) of its residuals gives the
+standardised residual ``|r| / std`` of the next smaller point ``x_{n-p-1}``; the walk stops at the
+first point above ``delta`` and the line is refitted on the last ``p`` points. Quirks of the
+reference code, reproduced on purpose: when no point is rejected the loop ends at ``p = n - 1``, so
+the smallest point is never used; with ``n <= k`` points all of them are used.
 """
 
 from __future__ import annotations
@@ -82,33 +76,3 @@ def ats_line(D: np.ndarray, L: np.ndarray, k: int = 3, delta: float = 5.0) -> tu
     x, y = np.log(D[t + 1 :]), np.log(L[t + 1 :])
     a, b = _ols(x, y)
     return a, b, x.size
-
-
-def ats_predict(D: np.ndarray, L: np.ndarray, target: float, k: int = 3, delta: float = 5.0) -> float:
-    """AtS prediction of the loss at ``target``: the power-phase line extrapolated in log-log."""
-    a, b, _ = ats_line(D, L, k, delta)
-    return float(np.exp(a * np.log(target) + b))
-
-
-def rectified_transition(D: np.ndarray, L: np.ndarray) -> np.ndarray:
-    """Pre-power/power transition size ``D_t = D_l^(1/beta)`` of each curve from a rectified-law fit.
-
-    Parameters
-    ----------
-    D : array (m,)
-        Sizes, may include 0 (the zero-shot point is used by the law).
-    L : array (n, m)
-        Losses, NaN = missing.
-
-    Returns
-    -------
-    array (n,)
-        ``D_t`` per curve; NaN where the law could not be fitted. A ``D_t`` above the largest
-        observed size means the curve is still in its pre-power phase.
-    """
-    from lensray.core.laws import RectifiedLaw
-
-    law = RectifiedLaw().fit(D, np.atleast_2d(L))
-    i_dl, i_beta = law.param_names.index("D_l"), law.param_names.index("beta")
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return np.exp(np.log(law.params_[:, i_dl]) / law.params_[:, i_beta])

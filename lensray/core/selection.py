@@ -5,7 +5,7 @@ registry :data:`SELECTORS` maps the names used by the CLI to the classes. A row 
 cannot score gets ``ok = False``, a NaN score and a one-line reason in ``errors``; the other
 rows are still ranked, failed rows last.
 
-Methods (DESIGN.md §2-§3): ``zeroshot`` (loss at D = 0), ``subtuning`` (loss at the largest
+Methods: ``zeroshot`` (loss at D = 0), ``subtuning`` (loss at the largest
 visible D), ``modelsize`` (score log size, larger is better), ``vanilla`` (power law on
 D > 0), ``rectified`` (rectified law on D = 0 and D > 0), ``ats`` (Accept-then-Stop line),
 ``lensllm`` (LensLLM law; NTK-supplied F when the curves carry ``ntk_F``) and ``lensray``
@@ -61,7 +61,7 @@ class Prediction:
         Rank by descending score (``modelsize``); default ascending (a loss).
     error_split : (array (n,), array (n,)) or None
         ``lensray`` only: standard deviations of the zoo-common and own parts of the error of
-        log ``loss`` (:func:`lensray_error_split`).
+        log ``loss`` (see :class:`LensraySelector`, step 5).
     """
 
     ids: list[str]
@@ -359,7 +359,7 @@ class LensraySelector(Selector):
        curves at hand and widened by ``t_dof / z`` (:func:`small_sample_factor`): a zoo where
        only 2 curves are long enough to backtest cannot claim a narrow interval. The prediction
        also carries the split of this error into a zoo-common and an own part
-       (:func:`lensray_error_split`).
+       (``Prediction.error_split``), widened from each row's origin (``_widen_by_origin``).
 
     The rank is that of the point prediction (the predictive spread is the same for every
     candidate of a zoo, so the probability of being best orders them alike).
@@ -498,7 +498,18 @@ class LensraySelector(Selector):
 
     def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, H: np.ndarray,
                          common: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The split widened by backtests from each row's own number of points (:func:`lensray_error_split`)."""
+        """The split widened by backtests from each row's own number of points.
+
+        A forecast from few points (early in a curve, before its power phase) is less reliable
+        than the same horizon seen from late points, and the backtests mostly start late. So each
+        part is also measured from the row's own origin: the curves longer than the row, cut to
+        its number of points ``p``, forecast their last point (mean distance ``h``); the mean and
+        the spread of those errors (``n - 1`` degrees of freedom, widened by the same small-sample
+        factor), scaled by ``(H_i / h)^gamma``, are a second estimate of the common and own parts,
+        and each part is the larger of its two estimates (when at least 2 curves are longer).
+        Only ever wider: a scheduler comparing on these parts stops a candidate early only when
+        early forecasts have proven reliable on the zoo.
+        """
         common, own = common.copy(), own.copy()
         for p in {xi.size for xi in x if xi.size >= self.k_tangent}:
             longer = [j for j in range(len(x)) if x[j].size > p]
@@ -534,38 +545,6 @@ class LensraySelector(Selector):
         loss = np.exp(logL)
         return _prediction(curves, loss, np.exp(logL - half), np.exp(logL + half), errors=errors, params=params,
                            error_split=self._widen_by_origin(x, y, y0, H, common, own))
-
-
-def lensray_error_split(curves: Curves, target: int, selector: LensraySelector | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Split the ``lensray`` predictor's log-loss error at ``target`` into a zoo-common and an own part.
-
-    The same leave-future-out backtests as the predictor's interval (the last ``b`` points
-    hidden, ``b = 1, 2, ...``): in backtest ``b`` the errors ``err_i`` of the kept curves are
-    split into their zoo mean ``c_b`` (what moves every candidate together, e.g. the zoo-shared
-    steepening) and the residuals ``u_i = err_i - c_b``. Both parts are scaled to each row's
-    distance ``H_i`` like the predictor's interval, ``g_b = (H_i / b)^gamma``, and pooled over
-    ``b``: ``sd_common = rms_b(|c_b| g_b)``, ``sd_own^2 = f(dof)^2 sum_b g_b^2 sum_i u_i^2 / dof``
-    with ``dof = sum_b (n_b - 1)`` and ``f`` the small-sample factor ``t_dof / z``
-    (:func:`small_sample_factor`), so ``sd_common^2 + sd_own^2`` is the square of the
-    predictor's own ``sigma(H_i)`` (before the widening below).
-
-    A forecast from few points (early in a curve, before its power phase) is less reliable
-    than the same horizon seen from late points, and the backtests above mostly start late. So
-    each part is also measured from the row's own **origin**: the curves longer than the row,
-    cut to its number of points ``p``, forecast their last point (mean distance ``h``); the
-    mean and the spread of those errors (``n - 1`` degrees of freedom, widened by the same
-    small-sample factor), scaled by ``(H_i / h)^gamma``, are a second estimate of the common
-    and own parts, and each part is the larger of its two estimates (when at least 2 curves are
-    longer). Only ever wider: a scheduler comparing on these parts stops a
-    candidate early only when early forecasts have proven reliable on the zoo.
-
-    Returns
-    -------
-    sd_common, sd_own : arrays (n,)
-        Standard deviations of the two parts of log L-hat at ``target`` (NaN when no backtest
-        is possible or the row has no points).
-    """
-    return (LensraySelector() if selector is None else selector).predict(curves, target).error_split
 
 
 SELECTORS: dict[str, type[Selector]] = {

@@ -1,6 +1,6 @@
 """NTK features of the LensLLM law: a sketched empirical NTK and the predicted residual F(Θ, t).
 
-Operational definition (DESIGN.md §2):
+Operational definition of LensLLM's F (Zeng et al., ICML 2025; the authors' code is no reference):
 
 - **Probe set** X: the first ``n`` (default 32) samples of a training batch that have at least
   one target token (``labels != -100``). The per-sample output is the per-token mean negative
@@ -102,8 +102,8 @@ class NTKFeatures:
         return self.eigenvalues[:m].copy()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable summary; ``eigenvalues`` and ``coefficients`` (Vᵀr₀) suffice to
-        evaluate F at any t with :func:`F_from_dict`."""
+        """JSON-serialisable summary; ``eigenvalues``, ``coefficients`` (Vᵀr₀) and ``learning_rate``
+        give F at any t through :func:`residual_norm_from_spectrum`."""
         return {
             "F": self.F,
             "trace": self.trace,
@@ -139,12 +139,6 @@ def ntk_residual_norm(
     """F(Θ, t) = ‖V exp(−ηΛt) Vᵀ r₀‖² from the eigendecomposition Θ = V diag(λ) Vᵀ."""
     coefficients = np.asarray(eigvecs, dtype=np.float64).T @ np.asarray(r0, dtype=np.float64)
     return residual_norm_from_spectrum(eigvals, coefficients, eta, t)
-
-
-def F_from_dict(ntk: Mapping[str, Any], t: float | np.ndarray, learning_rate: float | None = None) -> float | np.ndarray:
-    """Evaluate F at any t from :meth:`NTKFeatures.to_dict` output (e.g. a stored ProbeResult.ntk)."""
-    eta = float(ntk["learning_rate"] if learning_rate is None else learning_rate)
-    return residual_norm_from_spectrum(np.asarray(ntk["eigenvalues"]), np.asarray(ntk["coefficients"]), eta, t)
 
 
 def features_from_gram(

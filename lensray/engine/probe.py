@@ -5,64 +5,33 @@ any number of probes, each from a fresh copy of those weights. D = 0 measures th
 test loss. The test loss is the mean negative log-likelihood per target token over the
 task's fixed test split (prompt and padding tokens carry no loss).
 
-Faults are handled inside the probe and reported in its result, not raised (one exception, on
-several ranks: :class:`CollectiveOutOfMemory`, below):
-- NaN / infinite loss: retried once at half the learning rate; a second divergence gives
-  status ``"diverged"`` with the step and learning rate in ``error`` (``test_loss`` is None).
-- ``torch.OutOfMemoryError``: retried with half the micro-batch and twice the gradient
-  accumulation (the effective batch, hence the result, is unchanged), down to micro-batch 1;
-  then status ``"failed"``.
-Faults can be injected for tests through ``FaultInjector`` (argument or env
-``LENSRAY_FAULTS="oom_above=2,nan_at_step=3,nan_above_lr=1e-3"``, optionally on some ranks
-only: ``ranks=1`` or ``ranks=1+3``).
+Faults are reported in the probe's result, not raised:
+- a NaN / infinite loss is retried once at half the learning rate, then gives status
+  ``"diverged"`` (step and learning rate in ``error``, ``test_loss`` None);
+- ``torch.OutOfMemoryError`` is retried with half the micro-batch and twice the gradient
+  accumulation (the same effective batch, hence the same result), down to micro-batch 1; then
+  status ``"failed"``.
+Tests inject faults with ``FaultInjector`` (or env ``LENSRAY_FAULTS="oom_above=2,nan_at_step=3,
+nan_above_lr=1e-3"``, optionally ``ranks=1+3``).
 
-Data parallel: when ``torch.distributed`` is initialised (several Ray Train workers), the
-model is wrapped in DistributedDataParallel and every optimiser step's
-``micro_batch * grad_accum`` samples are split across the workers, so a probe's steps,
-tokens and loss do not depend on the number of workers; evaluation is sharded and reduced.
+Several workers (an initialised ``torch.distributed`` group): strategy ``"ddp"`` replicates the
+model, ``"fsdp"`` shards parameters, gradients and AdamW state with FSDP2 (one unit per
+transformer block; the NTK features, which need whole per-sample gradients, are refused).
+Either way each optimiser step's samples are split over the workers, so a probe's steps,
+tokens and loss do not depend on their number. The workers retry in lockstep: before the next
+collective that a fault on one rank would skip, every rank all-reduces two flags (some rank out
+of memory; some loss not finite) in ``ProbeRunner._agree`` and all raise the same error. Under
+DDP that is the all-reduce before the last micro-batch's backward (the others run under
+``no_sync``): no extra collective. Under FSDP, whose every pass all-gathers, it is before the
+step's first forward pass and after each micro-batch's loss. A local fault in the optimiser
+step is carried to the next agreement (at the end, the token count's reduction).
 
-Faults are agreed on by all workers, so that the retries run in lockstep: a worker that hits a
-non-finite loss or ``torch.OutOfMemoryError`` in a part of the step that runs no collective
-stops its own work there, and before the next collective every worker all-reduces two flags
-(some worker out of memory; some loss not finite) and, if either is set, raises the same
-error; every worker then drops the step's gradients, resets DDP's reducer or FSDP's iteration
-state, empties the CUDA cache and retries (half micro-batch, or half learning rate).
-- DDP: the forward and backward passes of all micro-batches but the last run under
-  ``no_sync`` (and buffers are not broadcast), so they are local, and so are the last
-  micro-batch's forward pass and loss; the flags are all-reduced just before its backward,
-  which all-reduces the gradients. That is one all-reduce of two numbers per optimiser step,
-  the one that carried the finite-loss flag before: no extra collective. An out-of-memory
-  error while evaluating rides on the evaluation's own sum reduction.
-- FSDP: every forward and backward pass all-gathers parameters, so the flags are all-reduced
-  before the step's first forward pass (covering the fault injection, collation and copies of
-  the inputs) and after each micro-batch's loss, before its backward pass: micro-batches per
-  rank + 1 all-reduces per step instead of 1, and one before each early-stopping evaluation.
-- The optimiser step is local under both strategies (and the gradient clipping under DDP):
-  an out-of-memory error there is carried to the next agreement (the next step's, else the
-  reduction of the token count at the end of training, which carries a flag for it).
-An out-of-memory error inside a collective cannot be agreed on in advance: DDP's last backward
-pass of a step (its bucket all-reduces start as gradients become ready), and with FSDP any
-forward or backward pass through the model, in training and in evaluation (all-gathers,
-reduce-scatters), and the gradient clipping (an all-reduce of the norms). Under FSDP that covers
-most real out-of-memory errors (activations, all-gather buffers). The failing rank has left a
-collective that the others wait in, so no retry in place can line the ranks up again: it raises
-:class:`CollectiveOutOfMemory` instead (with the smaller settings to restart with), and the
-caller ends the worker group: in a screening run the Ray Train worker loop records the smaller
-micro-batch in the store and raises, Ray Train tears the whole group down (the waiting ranks
-with it) and restarts it, and the restarted group resumes at the smaller micro-batch (see
-``lensray.run.screen``). Nothing waits for the process group's timeout.
-
-Strategy ``"fsdp"`` (``ProbeRunner(..., strategy="fsdp")``, several workers only) shards the
-parameters instead of replicating them, with PyTorch FSDP2 (``fully_shard``): each transformer
-block is one unit, then the root; parameters, gradients and AdamW state are ``DTensor``s of
-which a rank holds about 1/world. The engine's semantics are kept: the same per-step sample
-split and loss scaling (FSDP averages gradients over ranks like DDP), clipping of the global
-gradient norm, the same number of forward passes on every rank (a rank short of samples runs
-a zero-weight pass, which FSDP's collectives need), and the weight reset between probes and
-the early-stopping restore copy each rank's own shards (no full copy of the model is kept).
-The NTK features (``probe.ntk``) need per-sample gradients of unsharded parameters and are
-refused with strategy ``"fsdp"`` on several workers (LensrayInputError at load); with one
-worker both strategies are plain single-process training.
+An out-of-memory error inside a collective (DDP's last backward; with FSDP any forward or
+backward pass and the gradient clipping) cannot be agreed on: the other ranks wait in the
+collective. It raises :class:`CollectiveOutOfMemory` with smaller settings; the Ray Train
+worker loop (:mod:`lensray.run.trainables`) stores them and raises, Ray Train restarts the
+whole group, and the new group resumes at the smaller micro-batch. Nothing waits for the
+process group's timeout.
 """
 
 from __future__ import annotations
@@ -914,8 +883,3 @@ class ProbeRunner:
             attempts=len(log), attempt_log=log, seed=seed, micro_batch=mb, grad_accum=ga, kind=self.kind,
         )
 
-
-def run_probe(model: str, task: TaskConfig | None, probe: ProbeConfig | None, n_samples: int,
-              seed: int | None = None, **kw: Any) -> ProbeResult:
-    """One-off probe: load ``model`` and run a single probe of ``n_samples``."""
-    return ProbeRunner(model, task, probe, **kw).run(n_samples, seed)

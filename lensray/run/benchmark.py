@@ -1,4 +1,4 @@
-"""``lensray benchmark``: the papers' selection protocol on a curves table (DESIGN.md §3).
+"""``lensray benchmark``: the papers' selection protocol on a curves table.
 
 For each budget ratio r a method sees the columns D <= target // r (and D = 0), predicts the
 loss of every model at D* = ``target``, and is scored against the table's true losses at D*

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -181,8 +182,7 @@ def load_config(
     source
         YAML file path, an already parsed mapping, or None for ``configs/demo.yaml``.
     overrides
-        Dotted keys set after reading, e.g. ``{"storage.path": "out", "ray.address": "auto"}``;
-        entries whose value is None are ignored (unset CLI flags).
+        Keys set after reading (:func:`set_key`), e.g. ``{"storage.path": "out", "zoo[0].gpus": 1}``.
     check_task
         Check that the built-in synthetic task's train split holds ``grid.max_samples`` samples
         (False for replay runs, which fine-tune nothing).
@@ -193,15 +193,8 @@ def load_config(
         One line naming the field, for a missing file, YAML syntax errors, unknown keys (with a
         did-you-mean), wrong types and inconsistent values.
     """
-    data = _read(source)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
-    _check_keys(data, ScreenConfig, "")
-    try:
-        config = ScreenConfig.model_validate(data)
-    except ValidationError as exc:
-        raise LensrayInputError(_describe(exc)) from None
+    data = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else read_yaml(source or DEFAULT_CONFIG)
+    config = validate(ScreenConfig, data, overrides)
     _check_semantics(config)
     if check_task and config.task.source == SYNTHETIC:  # cheap here; file and hub tasks are sized by the driver
         check_train_size(config, len(load_task(config.task).train))
@@ -211,14 +204,15 @@ def load_config(
     return config
 
 
-def _read(source: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
-    if source is None:
-        source = DEFAULT_CONFIG
-    if isinstance(source, Mapping):
-        return copy.deepcopy(dict(source))
-    path = Path(source)
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """A YAML file as a mapping, read with the safe loader (no tags, nothing evaluated).
+
+    Every problem raises :class:`LensrayInputError` with one line starting ``{what}: `` and
+    naming the file (and the line and column of a syntax error).
+    """
+    path = Path(path)
     if not path.is_file():
-        raise LensrayInputError(f"config: file not found: {path}")
+        raise LensrayInputError(f"{what}: file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -227,26 +221,98 @@ def _read(source: str | Path | Mapping[str, Any] | None) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or "invalid YAML"
         kind = "YAML tag not allowed (plain YAML only)" if isinstance(exc, yaml.constructor.ConstructorError) \
             else "YAML syntax error"
-        raise LensrayInputError(f"config: {kind} in {path}{where}: {problem}") from None
+        raise LensrayInputError(f"{what}: {kind} in {path}{where}: {problem}") from None
     except UnicodeDecodeError:
-        raise LensrayInputError(f"config: {path} is not UTF-8 text") from None
+        raise LensrayInputError(f"{what}: {path} is not UTF-8 text") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise LensrayInputError(f"config: {path} must hold a mapping of keys, not a {type(data).__name__}")
+        raise LensrayInputError(f"{what}: {path} must hold a mapping of keys, not a {type(data).__name__}")
     return data
 
 
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
+def parse_set(text: str) -> tuple[str, Any]:
+    """``"grid.max_samples=800"`` -> ``("grid.max_samples", 800)``: the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise LensrayInputError(f"--set {text}: expected KEY=VALUE, e.g. grid.max_samples=800")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise LensrayInputError(f"--set {key}: value {raw!r} is not plain YAML") from None
+    return key, value
+
+
+_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def set_key(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set a dotted key (``grid.max_samples``, ``zoo[0].gpus``) in parsed config data, creating sections."""
+    parts: list[str | int] = [int(i) if i else name for name, i in _PART.findall(key)]
+    if not parts or _join(parts) != key:
+        raise LensrayInputError(f"{key}: not a config key (use dotted names, e.g. grid.max_samples or zoo[0].gpus)")
+    node: Any = data
+    for depth, part in enumerate(parts):
+        above = _join(parts[:depth]) or "config"
+        if isinstance(part, int) and not (isinstance(node, list) and part < len(node)):
+            raise LensrayInputError(f"{key}: {above} has no entry {part}")
+        if isinstance(part, str) and not isinstance(node, dict):
+            raise LensrayInputError(f"{key}: {above} is a {type(node).__name__}, not a section")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            if isinstance(part, str) and node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def _join(parts: list[str | int] | tuple) -> str:
+    """``["zoo", 0, "gpus"]`` -> ``"zoo[0].gpus"``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".")
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+             where: str = "") -> M:
+    """``model`` from parsed data with ``overrides`` set (:func:`set_key`); errors as one line (:func:`describe`)."""
+    data = copy.deepcopy(dict(data))
+    for key, value in (overrides or {}).items():
+        set_key(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise LensrayInputError(where + describe(exc, model)) from None
+
+
+def describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The first error of ``exc`` (unknown keys first, with a did-you-mean) as ``field.path: message``."""
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    where = _join(list(first["loc"])) or "config"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        names = _field_names(model, first["loc"][:-1])
+        close = difflib.get_close_matches(str(first["loc"][-1]), names, n=1)
+        msg = f"unknown key; did you mean '{close[0]}'?" if close else f"unknown key; known keys: {', '.join(sorted(names))}"
+    elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], (dict, list)):
+        msg = f"{msg} (got {first['input']!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {msg}{more}"
+
+
+def _field_names(model: type[BaseModel] | None, loc: tuple) -> list[str]:
+    """The keys of the section at ``loc`` (list indices skipped)."""
+    for part in loc:
+        if model is None or isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        model = _unwrap(field.annotation) if field is not None else None
+    if model is None:
+        return []
+    return sorted({f.alias or n for n, f in model.model_fields.items()} | set(model.model_fields))
 
 
 def _unwrap(annotation: Any) -> Any:
@@ -259,44 +325,6 @@ def _unwrap(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
-
-
-def _check_keys(data: Any, model: type[BaseModel], path: str) -> None:
-    """Unknown keys, with a did-you-mean, for every model whose config forbids extras."""
-    if not isinstance(data, dict):
-        return  # a wrong type is reported by pydantic
-    fields = model.model_fields
-    names = {f.alias or n: n for n, f in fields.items()} | {n: n for n in fields}
-    for key, value in data.items():
-        here = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            if model.model_config.get("extra") != "forbid":
-                continue
-            close = difflib.get_close_matches(str(key), list(names), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(names))}"
-            raise LensrayInputError(f"{here}: unknown key{hint}")
-        annotation = fields[names[key]].annotation
-        sub = _unwrap(annotation)
-        if sub is None:
-            continue
-        if typing.get_origin(annotation) is list and isinstance(value, list):
-            for i, item in enumerate(value):
-                _check_keys(item, sub, f"{here}[{i}]")
-        else:
-            _check_keys(value, sub, here)
-
-
-def _describe(exc: ValidationError) -> str:
-    errors = exc.errors()
-    first = errors[0]
-    where = ""
-    for part in first["loc"]:
-        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
-    msg = first["msg"]
-    if first["type"] not in ("missing",) and "input" in first and not isinstance(first["input"], (dict, list)):
-        msg = f"{msg} (got {first['input']!r})"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where or 'config'}: {msg}{more}"
 
 
 def _check_semantics(config: ScreenConfig) -> None:
@@ -360,3 +388,98 @@ def config_reference() -> str:
 
     walk(ScreenConfig, "")
     return "\n".join(rows)
+
+
+DEFAULT_REPLAY_OUT = "runs/replay"
+
+
+def run_inputs(
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    replay: str | Path | None = None,
+    warn: typing.Callable[[str], None] = log.warning,
+) -> tuple[ScreenConfig, Any]:
+    """The validated config of a run and, with ``replay`` (a curves CSV), its curves (else None).
+
+    Everything is checked here, before any Ray work: the config (:func:`load_config`), a local
+    task file's size, and a replay table (:func:`replay_config`).
+    """
+    if replay is not None:
+        return replay_config(replay, source, overrides, warn)
+    config = load_config(source, overrides)
+    check_file_task(config)
+    return config, None
+
+
+def replay_config(
+    curves_path: str | Path,
+    source: str | Path | Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    warn: typing.Callable[[str], None] = log.warning,
+) -> tuple[ScreenConfig, Any]:
+    """Config and curves of a replay run: the zoo is the table's rows, or the zoo of ``source``.
+
+    ``overrides`` must set ``grid.max_samples`` (the probe budget); the settings of ``source``
+    (predictor, pruning, ...) apply. ``warn`` gets one line each for losses missing under the
+    budget and for rows without a size.
+    """
+    from lensray.core.curves import load_curves_csv
+
+    overrides = dict(overrides or {})
+    max_samples = overrides.get("grid.max_samples")
+    if max_samples is None:
+        raise LensrayInputError("--max-samples: required with --replay (the probe budget D_max; "
+                                "or --set grid.max_samples=N)")
+    if not isinstance(max_samples, int) or isinstance(max_samples, bool):
+        raise LensrayInputError(f"grid.max_samples: must be an integer, got {max_samples!r}")
+    curves = load_curves_csv(curves_path, allow_missing=True)
+    curves.budget(max_samples)  # at least 3 points with D > 0 under the budget
+    zoo = [{"id": cid, **({"size": float(s)} if s == s else {}), "family": f}
+           for cid, s, f in zip(curves.ids, curves.size, curves.family)]
+    positive = [int(d) for d in curves.D if d > 0]
+    base = {"name": f"replay-{Path(curves_path).stem}", "zoo": zoo, "storage": {"path": DEFAULT_REPLAY_OUT},
+            "grid": {"start": positive[0], "factor": 2, "zero_shot": bool((curves.D == 0).any())}}
+    if source is None:
+        config = load_config(base, overrides, check_task=False)
+    else:  # the given settings on the table's zoo unless they list their own
+        given = copy.deepcopy(dict(source)) if isinstance(source, Mapping) else read_yaml(source)
+        grid = given.get("grid") or {}
+        grid = {**base["grid"], **grid} if isinstance(grid, dict) else grid  # not a mapping: refused by validation
+        config = load_config({**base, **given, "grid": grid}, overrides, check_task=False)
+        missing = [c.id for c in config.zoo if c.id not in curves.ids]
+        if missing:
+            raise LensrayInputError(f"zoo: candidate {missing[0]!r} has no row in {curves_path} (column 'config name')")
+        curves = curves.take([curves.ids.index(c.id) for c in config.zoo])
+    _warn_incomplete(curves.budget(max_samples), str(curves_path), {c.id for c in config.zoo if c.size}, warn)
+    return config, curves
+
+
+def _warn_incomplete(seen: Any, path: str, sized: set[str], warn: typing.Callable[[str], None]) -> None:
+    """Warn about losses missing under the budget (those probes are skipped) and rows without a
+    size, in the table or in the config's zoo (``sized``): their probes are not billed."""
+    import numpy as np
+
+    holes = [(cid, d) for cid, sizes in seen.missing().items() for d in sizes]
+    if holes:
+        where = "; ".join(f"row '{c}' column '{d}'" for c, d in holes[:3]) + (" ..." if len(holes) > 3 else "")
+        warn(f"{path}: {len(holes)} loss(es) missing under the budget ({where}); those probes are "
+             "skipped and the candidates fitted on the rest")
+    unsized = [cid for cid, s in zip(seen.ids, seen.size) if not np.isfinite(s) and cid not in sized]
+    if unsized:
+        names = ", ".join(unsized[:3]) + (" ..." if len(unsized) > 3 else "")
+        warn(f"{path}: no size for {len(unsized)} candidate(s) ({names}); their probes are not billed "
+             "and the saved fraction covers the others")
+
+
+def check_file_task(config: ScreenConfig) -> None:
+    """A local-file task must load and its train split hold ``grid.max_samples`` rows.
+
+    (:func:`load_config` sizes the synthetic task itself; hub tasks are left to the workers.)
+    """
+    from lensray.engine.data import _local_files
+
+    if config.task.source != SYNTHETIC and _local_files(config.task.source) is not None:
+        import datasets
+
+        datasets.disable_progress_bars()  # an error stays one line; the driver prints its own progress
+        check_train_size(config, len(load_task(config.task).train))

@@ -11,7 +11,7 @@ from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, confidently_better, difference_interval, forecasts_from
 from lensray.core.selection import Selector, get_selector
 from lensray.run.config import ScreenConfig
-from lensray.run.store import ProbeStore, make_plan, probe_grid, read_decision, replay_gaps
+from lensray.run.store import ProbeStore, candidate_size, is_ok, make_plan, probe_grid, read_decision, replay_gaps
 
 
 def curves_from_store(ids: list[str], grid: list[int], records: list[dict], sizes: Mapping[str, float],
@@ -21,7 +21,7 @@ def curves_from_store(ids: list[str], grid: list[int], records: list[dict], size
     L = np.full((len(ids), len(grid)), np.nan)
     row = {cid: i for i, cid in enumerate(ids)}
     for r in records:
-        if r.get("status", "ok") == "ok" and r["candidate"] in row and r["n_samples"] in col and r.get("test_loss"):
+        if is_ok(r) and r["candidate"] in row and r["n_samples"] in col and r.get("test_loss"):
             L[row[r["candidate"]], col[r["n_samples"]]] = float(r["test_loss"])
     size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
     return Curves(ids, np.array(grid, dtype=float), L, size, [families.get(c) for c in ids])
@@ -58,7 +58,7 @@ def full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[di
     total = 0.0
     for cid, cand in info.items():
         mine = [r for r in records if r.get("candidate") == cid]
-        size = cand.get("size") or next((r.get("n_params") for r in mine if r.get("n_params")), None)
+        size = candidate_size(cid, cand.get("size"), mine)
         if size:
             total += (flops_per_token(config, size, mine) * tokens_per_sample(mine, config.tokens_per_sample)
                       * config.target_samples)
@@ -71,7 +71,7 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
     Per candidate: the probes already in the store (a resumed run), the probes still to run and
     their worst-case FLOPs (:func:`flops_per_token` * tokens per sample * D summed over them: no candidate
     pruned), with tokens per sample measured by the stored probes, else ``tokens_per_sample``.
-    A size not in the config (or the replayed table) is counted from the model's config
+    A size not in the config, the replayed table or the stored probes is counted from the model's config
     (:func:`lensray.engine.models.parameter_counts`, no weights loaded); candidates whose config cannot
     be had are listed, not billed.
 
@@ -86,13 +86,15 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
     grid = probe_grid(config, replay)
     plans = make_plan(config, store, grid, replay_gaps(replay, grid))
     info = candidate_info(config, replay)
+    records = store.get_all()
+    for cid, i in info.items():
+        i["size"] = candidate_size(cid, i["size"], records)
     if replay is None:
         from lensray.engine.models import parameter_counts
 
         unknown = [c for c in config.zoo if info[c.id]["size"] is None]
         for c, n in zip(unknown, parameter_counts([(c.source, c.trust_remote_code) for c in unknown])):
             info[c.id]["size"] = None if n is None else float(n)
-    records = store.get_all()
     rows, unsized = [], []
     for p in plans:
         cid, size = p.candidate.id, info[p.candidate.id]["size"]
@@ -153,8 +155,7 @@ def rank(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: str,
     info = candidate_info(config, replay)
     records = store.get_all()
     ids = [c.id for c in config.zoo]
-    sizes = {cid: info[cid]["size"] or next((r.get("n_params") for r in records
-                                            if r["candidate"] == cid and r.get("n_params")), None) for cid in ids}
+    sizes = {cid: candidate_size(cid, info[cid]["size"], records) for cid in ids}
     curves = curves_from_store(ids, grid, records, sizes, {cid: info[cid]["family"] for cid in ids})
     gaps = replay_gaps(replay, grid)
     selector = get_selector(config.predictor.method, config.predictor.level)
@@ -163,7 +164,7 @@ def rank(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: str,
     for i, cid in enumerate(ids):
         mine = [r for r in records if r["candidate"] == cid]
         decision = read_decision(store, cid)
-        observed = {int(r["n_samples"]) for r in mine if r.get("status", "ok") == "ok"}
+        observed = {int(r["n_samples"]) for r in mine if is_ok(r)}
         status, reason, pruned_at, error = "finished", None, None, None
         if decision and decision["status"] == "failed":
             status, error = "failed", decision["reason"]

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lensray.run.store import ProbeStore
+from lensray.run.store import ProbeStore, is_ok
 
 RANKING_KEYS = ("candidate", "status", "predicted_loss", "interval", "pruned_at", "params", "flops", "error")
 COMPUTE_KEYS = ("flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds")
@@ -222,7 +222,7 @@ def _losses(probes: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
     out: dict[str, dict[int, float]] = defaultdict(dict)
     for rec in probes:
         loss = rec.get("test_loss")
-        if rec.get("status", "ok") != "ok" or loss is None or not math.isfinite(float(loss)):
+        if not is_ok(rec) or loss is None or not math.isfinite(float(loss)):
             continue
         out[str(rec["candidate"])][int(rec["n_samples"])] = float(loss)
     return dict(out)

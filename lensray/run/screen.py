@@ -5,10 +5,8 @@ are all stored, or that were pruned, start no trial; a partly done candidate con
 next size; a ``failed`` decision is retried on ``--resume``. Tune keeps its own state under
 ``<out>/tune`` but is never restored.
 
-Stages (``pruning.scout``, on by default): every candidate first runs its probes up to the
-grace (the scout stage, where nothing can be stopped anyway); then the candidates continue,
-best predicted first, so each continuing candidate is judged against the whole zoo's early
-curves and strong rivals finish early. The second stage is a resume of the first.
+A run has one stage, or two with ``pruning.scout`` (:func:`scout_stages`); the second is a
+resume of the first.
 """
 
 from __future__ import annotations
@@ -161,8 +159,8 @@ def scout_stages(config: ScreenConfig, grid: list[int], candidates: Optional[int
     first probed up to its ``grace_points``-th size D > 0 (the scout stage: nothing can be
     stopped before the grace anyway, and at the grace the usual rule applies); then the
     candidates continue, best predicted first, each judged by the scheduler against the whole
-    zoo's early curves. Without scouting, a candidate
-    that runs early has few rivals with forecasts and cannot be stopped, whatever it costs.
+    zoo's early curves, so strong rivals finish early. Without scouting, a candidate that runs
+    early has few rivals with forecasts and cannot be stopped, whatever it costs.
     When all ``candidates`` that still need probes run at once (``concurrent`` trials or more),
     no candidate waits for a slot, so there is no order to choose and no scout stage: it would
     only start every worker group twice.

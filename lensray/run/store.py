@@ -51,6 +51,20 @@ PROBES_DIR = "probes"
 TEMP_MARK = ".tmp-"
 READ_THREADS = 16
 MIN_FREE_BYTES = 64 * 2**20  # a local output location with less free space counts as full
+def is_ok(record: Mapping[str, Any]) -> bool:
+    """Whether a probe record measured a test loss: ``status`` "ok" (a record without one counts as ok)."""
+    return record.get("status", "ok") == "ok"
+
+
+def candidate_size(candidate_id: str, known: Optional[float], records: Iterable[Mapping[str, Any]]) -> Optional[float]:
+    """A candidate's parameter count: ``known`` (the config's ``size``, else the replayed table's),
+    else the ``n_params`` its stored probe ``records`` counted; None when neither has one."""
+    if known:
+        return float(known)
+    return next((float(r["n_params"]) for r in records if r.get("candidate") == candidate_id and r.get("n_params")),
+                None)
+
+
 def candidate_key(candidate_id: str) -> str:
     """A file-name-safe key for a candidate: slug of the id plus 10 hex digits of its SHA-256.
 
@@ -423,7 +437,7 @@ def make_plan(config: ScreenConfig, store: ProbeStore, grid: list[int],
     candidate has no probe for, e.g. a replayed table's missing cells; never to do)."""
     plans = []
     for cand in config.zoo:
-        done = {n: r for n, r in store.completed(cand.id).items() if r.get("status", "ok") == "ok"}
+        done = {n: r for n, r in store.completed(cand.id).items() if is_ok(r)}
         decision = read_decision(store, cand.id)
         if decision and decision.get("status") != "pruned":
             decision = None  # failures are retried on resume

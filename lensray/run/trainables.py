@@ -31,7 +31,7 @@ from typing import Any, Optional
 from lensray.redact import install_log_redaction
 from lensray.run.scheduler import TIME_ATTR
 from lensray.run.store import (
-    ProbeStore, candidate_key, memory_settings, read_decision, record_collective_oom, write_decision,
+    ProbeStore, candidate_key, is_ok, memory_settings, read_decision, record_collective_oom, write_decision,
 )
 
 TRAIN_MAX_FAILURES = 2
@@ -117,7 +117,7 @@ def probe_loop(loop_config: dict) -> None:
     store = ProbeStore(ctx.store_uri, check=False)
     cand = ctx.candidates[cid]
     # re-read the store: after a worker restart the probes finished before the crash are kept
-    losses = {n: float(r["test_loss"]) for n, r in store.completed(cid).items() if r.get("status", "ok") == "ok"}
+    losses = {n: float(r["test_loss"]) for n, r in store.completed(cid).items() if is_ok(r)}
     configured = dict(ctx.probe or {})
     settings, hint = memory_settings(store, cid, configured)  # smaller after an out-of-memory restart
     if hint is not None and hint.get("settings") is None:  # out of memory even at micro-batch 1

@@ -64,3 +64,26 @@ def test_screen_plan_prints_the_worst_case_bill_and_writes_nothing(tmp_path, cap
     text = capsys.readouterr().out
     assert "not billed (no size, and no model config to count it from): b" in text
     assert not out.exists()
+
+
+def test_set_and_the_shortcut_flags_are_one_ordered_list_of_overrides():
+    args = build_parser().parse_args(["screen", "c.yaml", "--out", "o", "--set", "grid.max_samples=800",
+                                      "--max-samples", "1600", "--set", "zoo[0].gpus=0.5"])
+    assert args.sets == [("storage.path", "o"), ("grid.max_samples", 800), ("grid.max_samples", 1600),
+                         ("zoo[0].gpus", 0.5)]
+    probe = build_parser().parse_args(["probe", "--model", "m", "--ntk", "--seed", "3"])
+    assert probe.sets == [("probe.ntk", True), ("probe.seed", 3)]
+    assert build_parser().parse_args(["probe", "--model", "m"]).sets == []
+
+
+def test_a_bad_set_is_one_line_naming_the_key(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("zoo: [{id: a, size: 1.0e+8}]\ngrid: {max_samples: 800}\n")
+    for argv, words in [(["--set", "grid.max_sampels=800"], "grid.max_sampels: unknown key; did you mean 'max_samples'?"),
+                        (["--set", "grid.max_samples"], "--set grid.max_samples: expected KEY=VALUE"),
+                        (["--set", "pruning.top_k=many"], "pruning.top_k: Input should be a valid integer")]:
+        assert main(["screen", str(config), "--plan", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {words}") and len(err.strip().splitlines()) == 1, err
+    assert main(["screen", str(config), "--plan", "--set", "grid.start=100"]) == 0
+    assert "grid: 0, 100, 200, 400, 800" in capsys.readouterr().out

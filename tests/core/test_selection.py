@@ -15,7 +15,7 @@ from lensray.core.synthetic_zoo import synthetic_zoo
 
 TARGET = 204800
 RATIOS = [8, 16, 32, 64, 128, 256, 512]
-REF_ATS = {  # DESIGN.md §3: PearCorr, RelAcc per ratio
+REF_ATS = {  # the authors' public AtS code on the shared tables: PearCorr, RelAcc per ratio
     "flan": ([90.9, 73.1, 65.5, 61.1, 52.2, 50.5, 45.6], [93.6, 93.2, 93.2, 93.2, 85.3, 93.2, 93.2]),
     "wmt19": ([98.9, 97.0, 97.7, 86.0, 78.0, 73.4, 61.5], [99.1, 99.1, 99.6, 99.1, 99.1, 99.1, 99.1]),
 }

@@ -47,10 +47,8 @@ def test_probe_accounting(data):
     assert r.wall_seconds > 0 and r.peak_memory_bytes > 0
 
 
-def test_run_probe_one_off(data):
-    from lensray.engine.probe import run_probe
-
-    r = run_probe(GPT2, TASK, ProbeConfig(**FAST), 32, seed=1, task_data=data)
+def test_a_fresh_runner_repeats_a_seeded_probe(data):
+    r = ProbeRunner(GPT2, TASK, ProbeConfig(**FAST), task_data=data).run(32, seed=1)
     assert r.status == "ok" and r.seed == 1 and r.test_loss == runner(data).run(32, seed=1).test_loss
 
 
@@ -200,20 +198,24 @@ def test_probe_cli_table(capsys, tmp_path):
 
 
 def test_probe_cli_task_yaml(tmp_path):
-    from lensray.cli.probe import load_configs, load_task_config
+    from lensray.cli.probe import load_probe_config
 
     path = tmp_path / "task.yaml"
     path.write_text("source: synthetic\ntest_size: 32\n")
-    assert load_task_config(str(path)).test_size == 32
-    task, probe = load_configs(_cli_yaml(tmp_path))
-    assert task.synthetic_rows == 800 and probe["max_steps"] == 2
+    assert load_probe_config(str(path)).task.test_size == 32
+    settings = load_probe_config(_cli_yaml(tmp_path), {"probe.seed": 3})
+    assert settings.task.synthetic_rows == 800 and settings.probe.max_steps == 2 and settings.probe.seed == 3
     path.write_text("task:\n  test_sise: 32\n")
-    with pytest.raises(LensrayInputError, match="task.test_sise"):
-        load_task_config(str(path))
+    with pytest.raises(LensrayInputError, match="task.test_sise: unknown key; did you mean 'test_size'"):
+        load_probe_config(str(path))
     with pytest.raises(LensrayInputError, match="probe.epochs"):
-        load_configs(_cli_yaml(tmp_path, probe="{epochs: -1}"))
+        load_probe_config(_cli_yaml(tmp_path, probe="{epochs: -1}"))
+    with pytest.raises(LensrayInputError, match="probe.sede: unknown key; did you mean 'seed'"):
+        load_probe_config(_cli_yaml(tmp_path), {"probe.sede": 3})
+    with pytest.raises(LensrayInputError, match="--set prob.seed: lensray probe takes"):
+        load_probe_config(_cli_yaml(tmp_path), {"prob.seed": 3})
     with pytest.raises(LensrayInputError, match="neither 'synthetic' nor a YAML file"):
-        load_task_config(str(tmp_path / "none.yaml"))
+        load_probe_config(str(tmp_path / "none.yaml"))
 
 
 def test_probe_is_identical_in_a_fresh_process(tmp_path):

@@ -2,7 +2,8 @@
 
 The protocol and metrics are checked with small stand-in selectors (the reference baselines,
 re-implemented here in a few lines) so that they do not depend on ``lensray.core.selection``; the
-real selectors are checked against the reference numbers of DESIGN.md §3 when they exist.
+real selectors are checked against the reference numbers (the authors' public code run on the
+shared FLAN and WMT19 tables) when the tables are there.
 """
 
 import json
@@ -19,7 +20,7 @@ from lensray.core.curves import Curves, load_curves_csv
 
 RATIOS = [8, 16, 32, 64, 128, 256, 512]
 ROW_KEYS = {"method", "ratio", "pearson", "relacc", "spearman", "coverage90", "fit_seconds"}
-# DESIGN.md §3, reference numbers (FLAN, WMT19) at r = 8 ... 512
+# reference numbers (the authors' public code on FLAN, WMT19) at r = 8 ... 512
 REF_ATS_PEARSON = {
     "flan": [90.9, 73.1, 65.5, 61.1, 52.2, 50.5, 45.6],
     "wmt19": [98.9, 97.0, 97.7, 86.0, 78.0, 73.4, 61.5],
@@ -144,7 +145,7 @@ def check_schema(result: dict, n_rows: int) -> None:
 
 
 def test_protocol_reproduces_reference_baselines(benchmarks_dir, capsys, fake_registry):
-    """The PearCorr of the reference baselines (DESIGN.md §3) through the CLI, 14 cells per method."""
+    """The PearCorr of the reference baselines (REF_* above) through the CLI, 14 cells per method."""
     cells = 0
     for table in ("flan", "wmt19"):
         rc, out, err = run_cli(

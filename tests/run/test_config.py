@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lensray.run.config import DEFAULT_CONFIG, GridConfig, ScreenConfig, check_train_size, load_config
+from lensray.run.config import (
+    DEFAULT_CONFIG, GridConfig, ScreenConfig, check_train_size, load_config, parse_set,
+)
 from lensray.errors import LensrayInputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,9 +36,48 @@ def test_grid_without_zero_shot_and_non_integer_factor():
     assert GridConfig(start=1, factor=1.01, max_samples=5).sizes() == [0, 1, 2, 3, 4, 5]
 
 
-def test_overrides_set_dotted_keys_and_skip_none():
-    config = load_config(_cfg(), overrides={"storage.path": "out/x", "ray.address": None, "grid.max_samples": 1600})
+def test_overrides_set_dotted_keys_and_list_entries():
+    config = load_config(_cfg(ray={"address": "auto"}), overrides={
+        "storage.path": "out/x", "ray.address": None, "grid.max_samples": 1600, "zoo[1].gpus": 0.5,
+        "pruning.top_k": 3})
     assert config.storage.path == "out/x" and config.ray.address is None and config.grid.max_samples == 1600
+    assert config.zoo[1].gpus == 0.5 and config.zoo[0].gpus == 0 and config.pruning.top_k == 3
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("grid.max_sampels", 800, "grid.max_sampels: unknown key; did you mean 'max_samples'?"),
+        ("zoo[5].gpus", 1, "zoo[5].gpus: zoo has no entry 5"),
+        ("name.first", "x", "name.first: name is a str, not a section"),
+        ("grid..start", 1, "grid..start: not a config key"),
+        ("grid.max_samples", "lots", "grid.max_samples: Input should be a valid integer"),
+    ],
+)
+def test_a_bad_override_is_one_line_naming_the_key(key, value, words):
+    with pytest.raises(LensrayInputError) as info:
+        load_config(_cfg(name="n"), overrides={key: value})
+    assert str(info.value).startswith(words) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, pair",
+    [
+        ("grid.max_samples=800", ("grid.max_samples", 800)),
+        ("ray.address=null", ("ray.address", None)),
+        ("storage.path=s3://bucket/run=1", ("storage.path", "s3://bucket/run=1")),
+        ("pruning.enabled=false", ("pruning.enabled", False)),
+        ("zoo=[{id: a}, {id: b}]", ("zoo", [{"id": "a"}, {"id": "b"}])),
+    ],
+)
+def test_parse_set_reads_the_value_as_yaml(text, pair):
+    assert parse_set(text) == pair
+
+
+@pytest.mark.parametrize("text", ["grid.max_samples", "=3", "name=[unclosed"])
+def test_parse_set_refuses_what_is_not_key_value(text):
+    with pytest.raises(LensrayInputError, match=r"^--set "):
+        parse_set(text)
 
 
 def test_resolved_yaml_round_trips():

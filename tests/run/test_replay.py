@@ -12,7 +12,7 @@ import pytest
 from lensray.core.curves import load_curves_csv
 from lensray.run.report import check_selection
 from lensray.run.screen import screen
-from lensray.cli.screen import replay_config
+from lensray.run.config import replay_config
 from lensray.run.store import ProbeStore
 from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
 
@@ -29,11 +29,9 @@ def ray_local():
 
 
 def _replay(csv, out, max_samples, resume=False, concurrent=None):
-    import argparse
-
-    args = argparse.Namespace(replay=str(csv), config=None, out=str(out), address=None,
-                              max_samples=max_samples, target_samples=TARGET, resume=resume)
-    config, curves = replay_config(args)
+    config, curves = replay_config(csv, overrides={"storage.path": str(out), "grid.max_samples": max_samples,
+                                                   "target_samples": TARGET},
+                                   warn=lambda line: print(f"warning: {line}", file=sys.stderr))
     config.ray.max_concurrent_trials = concurrent
     return screen(config, resume=resume, backend="replay", replay=curves, progress=False), curves
 

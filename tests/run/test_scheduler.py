@@ -119,7 +119,7 @@ def test_error_split_adds_up_to_the_predictors_interval():
     from scipy import stats
 
     from lensray.core.curves import Curves
-    from lensray.core.selection import LEVEL, LensraySelector, lensray_error_split
+    from lensray.core.selection import LEVEL, LensraySelector
 
     rng = np.random.default_rng(0)
     D = np.array([0, 200, 400, 800, 1600, 3200, 6400, 12800], dtype=float)
@@ -128,7 +128,7 @@ def test_error_split_adds_up_to_the_predictors_interval():
     L[3, 6:] = np.nan  # a younger candidate: farther from D*, larger errors
     curves = Curves([f"c{i}" for i in range(12)], D, L, np.full(12, np.nan), [None] * 12)
     pred = LensraySelector().predict(curves, 1_638_400)
-    common, own = lensray_error_split(curves, 1_638_400)
+    common, own = pred.error_split
     sigma = np.log(pred.hi / pred.loss) / stats.norm.ppf(0.5 + LEVEL / 2)
     full = np.arange(12) != 3
     assert np.allclose(np.hypot(common, own)[full], sigma[full])  # no longer curve: the backtests alone
@@ -148,7 +148,7 @@ def test_spreads_from_few_curves_are_widened_by_t_over_z():
 
 
 def _pooled_split(sel, curves, target):
-    """The backtest-pooled split alone (lensray_error_split before its origin widening)."""
+    """The backtest-pooled split alone (``Prediction.error_split`` before its origin widening)."""
     import numpy as np
 
     from lensray.core.selection import _row_points
@@ -166,7 +166,7 @@ def test_error_split_widens_forecasts_from_few_points_that_proved_unreliable():
     import numpy as np
 
     from lensray.core.curves import Curves
-    from lensray.core.selection import LensraySelector, lensray_error_split
+    from lensray.core.selection import LensraySelector
 
     rng = np.random.default_rng(1)
     D = 200.0 * 2.0 ** np.arange(10)
@@ -179,7 +179,7 @@ def test_error_split_widens_forecasts_from_few_points_that_proved_unreliable():
     L[-1, 4:] = np.nan  # the newcomer: 4 points
     curves = Curves([f"c{i}" for i in range(n)], D, L, np.full(n, np.nan), [None] * n)
     target = int(D[-1]) * 8
-    common, own = lensray_error_split(curves, target)
+    common, own = LensraySelector().predict(curves, target).error_split
     pooled_common, pooled_own = _pooled_split(LensraySelector(), curves, target)
     assert own[-1] > 1.2 * pooled_own[-1] and common[-1] > 1.5 * pooled_common[-1]
     assert np.allclose(own[:-1], pooled_own[:-1]) and np.allclose(common[:-1], pooled_common[:-1])

@@ -256,3 +256,14 @@ def test_relative_local_path_is_made_absolute(tmp_path, monkeypatch):
     store = ProbeStore("runs/rel")
     assert os.path.isabs(store.uri)
     assert store.uri == str(tmp_path / "runs" / "rel")
+
+
+def test_ok_records_and_the_size_fallback():
+    from lensray.run.store import candidate_size, is_ok
+
+    assert is_ok({"status": "ok"}) and is_ok({}) and not is_ok({"status": "diverged"})
+    records = [{"candidate": "a", "n_params": None}, {"candidate": "b", "n_params": 7.0e6},
+               {"candidate": "a", "n_params": 1.2e8}]
+    assert candidate_size("a", 3.0e8, records) == 3.0e8  # the config's (or the table's) size first
+    assert candidate_size("a", None, records) == 1.2e8  # else what its probes counted
+    assert candidate_size("c", None, records) is None
