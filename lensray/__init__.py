@@ -23,6 +23,7 @@ except metadata.PackageNotFoundError:  # a source tree that was never installed
 _API = {
     "screen": "lensray.api",
     "plan": "lensray.api",
+    "Results": "lensray.api",
     "load_config": "lensray.run.config",
     "get_selector": "lensray.core.selection",
 }

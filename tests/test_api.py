@@ -78,12 +78,17 @@ def test_screen_a_replay_then_resume_repeats_nothing(tmp_path):
     csv = write_curves_csv(synthetic_zoo(6, seed=3), tmp_path / "zoo.csv")
     out = tmp_path / "out"
     kwargs = dict(out=out, replay=csv, grid__max_samples=3200, ray__num_cpus=2, progress=False)
-    selection = lensray.screen(**kwargs)
-    assert json.loads((out / "selection.json").read_text())["selected"] == selection["selected"]
+    results = lensray.screen(**kwargs)
+    selection = results.selection
+    assert json.loads((out / "selection.json").read_text())["selected"] == results.selected == selection["selected"]
+    assert list(results.ranking["candidate"]) == [e["candidate"] for e in selection["ranking"]]
+    assert len(results.probes) == 6 * 6 - sum(6 - e["n_probes"] for e in selection["ranking"])
+    assert set(results.probes["candidate"]) <= set(results.ranking["candidate"])
+    assert results.bill["flops_spent"] > 0
     probes = sorted(p.name for p in (out / "probes").rglob("*") if p.is_file())
     assert probes
     with pytest.raises(LensrayInputError, match="already holds probe results"):
         lensray.screen(**kwargs)
     again = lensray.screen(resume=True, **kwargs)
-    assert again["selected"] == selection["selected"]
+    assert again.selected == selection["selected"]
     assert sorted(p.name for p in (out / "probes").rglob("*") if p.is_file()) == probes

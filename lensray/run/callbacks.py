@@ -18,16 +18,21 @@ from lensray.run.config import TrackingConfig
 
 class ForecastMetrics(tune.Callback):
     """Adds the scheduler's latest forecast of the reporting candidate to its result, in place:
-    ``predicted_loss``, ``pred_lo``, ``pred_hi`` (its interval at D*) and ``points``. Listed first,
+    ``predicted_loss``, ``pred_lo`` and ``pred_hi`` (its interval at D*; NaN before the first
+    forecast). Listed first,
     so that the progress lines and every tracker after it see them."""
 
     def __init__(self, forecasts: Callable[[], Mapping[str, Forecast]]) -> None:
         self._forecasts = forecasts
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get("failed"):
+            return
         own = self._forecasts().get(str(result.get("candidate")))
         if own is not None and own.n_samples == result.get("n_samples"):
-            result.update(predicted_loss=own.loss, pred_lo=own.lo, pred_hi=own.hi, points=own.points)
+            result.update(predicted_loss=own.loss, pred_lo=own.lo, pred_hi=own.hi)
+        else:  # not forecast yet (before the grace): the keys are there, so that tables have their columns
+            result.update(predicted_loss=math.nan, pred_lo=math.nan, pred_hi=math.nan)
 
 
 class Progress(tune.Callback):

@@ -305,6 +305,11 @@ class ProbeStore:
         pq.write_table(table, sink)
         return self.write_bytes(name, sink.getvalue().to_pybytes())
 
+    def read_parquet(self, name: str = "probes.parquet") -> pa.Table:
+        """The Parquet table ``name`` written by :meth:`write_parquet`."""
+        with self.fs.open_input_file(self.path(name)) as fh:
+            return pq.read_table(fh)
+
 
 def _to_table(rows: list[Mapping[str, Any]]) -> pa.Table:
     columns: dict[str, list[Any]] = {}

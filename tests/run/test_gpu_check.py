@@ -4,7 +4,6 @@ import importlib
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from lensray.run.config import load_config
 from lensray.run.screen import max_concurrent, plan_bill
