@@ -40,26 +40,30 @@ def cli_main(args: argparse.Namespace) -> int:
 
 
 def print_plan(plan: dict, stream: Any = None) -> int:
-    """Print what a run would probe and its worst-case compute (``lensray.run.screen.plan_bill``) on
+    """Print what a run would probe and its worst-case compute (``lensray.run.ranking.plan_bill``) on
     ``stream`` (default: the standard output at call time); returns 0."""
     stream = sys.stdout if stream is None else stream
     grid = ", ".join(f"{d:,}" for d in plan["grid"])
     _say(f"grid: {grid} (D* = {plan['target']:,})", file=stream)
-    _say(f"{'candidate':32s} {'params':>10s} {'stored':>6s} {'to run':>6s} {'FLOPs to run':>13s}", file=stream)
+    _say(f"{'candidate':32s} {'params':>10s} {'stored':>6s} {'to run':>6s} {'tokens/sample':>14s} "
+         f"{'FLOPs to run':>13s}", file=stream)
     for r in plan["candidates"]:
         size = f"{r['size']:.3g}" if r["size"] else "unknown"
         flops = "pruned" if r["pruned"] else ("-" if r["flops_todo"] is None else f"{r['flops_todo']:.3g}")
-        _say(f"{r['candidate'][:32]:32s} {size:>10s} {len(r['stored']):6d} {len(r['todo']):6d} {flops:>13s}",
-             file=stream)
+        tokens = f"{r['tokens_per_sample']:.4g} {r['tokens_from'][0]}"
+        _say(f"{r['candidate'][:32]:32s} {size:>10s} {len(r['stored']):6d} {len(r['todo']):6d} {tokens:>14s} "
+             f"{flops:>13s}", file=stream)
     full = plan["flops_full_tuning"]
     share = f" ({100 * (plan['flops_todo'] + plan['flops_stored']) / full:.2f}% of full tuning)" if full else ""
     _say(f"worst case, nobody pruned: {plan['flops_todo']:.3g} FLOPs to run + {plan['flops_stored']:.3g} stored"
          f"{share}; full tuning {full:.3g} FLOPs", file=stream)
-    if plan["assumed_tokens_per_sample"] is not None:
-        _say(f"probes not run yet are estimated at tokens_per_sample = {plan['assumed_tokens_per_sample']:g} tokens per "
-             "sample (or the stored probes' own); a run bills the tokens it trains on", file=stream)
+    _say("training tokens per sample (epochs counted): p = measured by the stored probes, t = the task's train rows "
+         "tokenised with the candidate's tokenizer, a = assumed (tokens_per_sample)", file=stream)
+    if plan.get("task_unread"):
+        _say(f"the task could not be tokenised here ({plan['task_unread']}); its figures are assumed", file=stream)
     if plan["unsized"]:
-        _say(f"not billed (no size, and no model config to count it from): {', '.join(plan['unsized'])}",
+        _say(f"not billed, {len(plan['unsized'])} of {len(plan['candidates'])} (no size, and no model config to "
+             f"count it from here: not a tiny id, a local folder or a cached hub id): {', '.join(plan['unsized'])}",
              file=stream)
     return 0
 

@@ -397,6 +397,13 @@ def collate(batch: list[Encoded], pad_id: int, kind: Literal["causal", "seq2seq"
     return out
 
 
+def mean_tokens(examples: list[Example], tokenizer: Any, max_length: int, sample: int = 256) -> float:
+    """Mean tokens one training example costs a causal model (prompt + target + EOS, truncated
+    to ``max_length``), over the first ``sample`` of ``examples``."""
+    encoded = encode(examples[:sample], tokenizer, "causal", max_length)
+    return count_tokens(encoded) / len(encoded) if encoded else math.nan
+
+
 def count_tokens(encoded: list[Encoded]) -> int:
     """Tokens processed (input + decoder side), padding excluded."""
     return sum(len(e.input_ids) + (len(e.decoder_labels) if e.decoder_labels is not None else 0) for e in encoded)

@@ -178,6 +178,23 @@ def ensure_tiny(model_id: str) -> Path:
     return folder
 
 
+def tokenizer_of(model_id: str, trust_remote_code: bool = False) -> Any:
+    """A candidate's tokenizer without its weights (tiny ids, local folders, hub ids or their local
+    cache when the hub is unreachable); None where it cannot be had."""
+    import transformers
+
+    if model_id.startswith("tiny:"):
+        return char_tokenizer()
+    folder = Path(os.path.expanduser(model_id))
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder) if folder.is_dir() else model_id,
+                                                          trust_remote_code=trust_remote_code,
+                                                          local_files_only=hub_offline())
+    except Exception as exc:  # noqa: BLE001 - no tokenizer: the plan falls back to the assumed figure
+        log.debug("no tokenizer for %s: %s", model_id, one_line(exc))
+        return None
+
+
 def parameter_counts(candidates: list[tuple[str, bool]]) -> list[Optional[int]]:
     """Parameters of each ``(model id, trust_remote_code)``, counted from its config alone.
 

@@ -10,6 +10,7 @@ import numpy as np
 from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, confidently_better, difference_interval, forecasts_from
 from lensray.core.selection import Selector, get_selector
+from lensray.errors import LensrayInputError
 from lensray.run.config import ScreenConfig
 from lensray.run.store import ProbeStore, candidate_size, is_ok, make_plan, probe_grid, read_decision, replay_gaps
 
@@ -53,16 +54,43 @@ def flops_per_token(config: ScreenConfig, size: float, records: list[dict]) -> f
     return (4.0 if config.probe.method == "lora" else 6.0) * float(size)
 
 
-def full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[dict]) -> float:
-    """FLOPs of fine-tuning every candidate on D* the way it is probed (:func:`flops_per_token`)."""
+def full_tuning(config: ScreenConfig, info: Mapping[str, dict], records: list[dict],
+                tokens: Optional[Mapping[str, float]] = None) -> float:
+    """FLOPs of fine-tuning every candidate on D* the way it is probed (:func:`flops_per_token`),
+    at the tokens per sample its stored probes measured, else ``tokens[id]``, else ``tokens_per_sample``."""
     total = 0.0
     for cid, cand in info.items():
         mine = [r for r in records if r.get("candidate") == cid]
         size = candidate_size(cid, cand.get("size"), mine)
         if size:
-            total += (flops_per_token(config, size, mine) * tokens_per_sample(mine, config.tokens_per_sample)
-                      * config.target_samples)
+            default = (tokens or {}).get(cid, config.tokens_per_sample)
+            total += flops_per_token(config, size, mine) * tokens_per_sample(mine, default) * config.target_samples
     return total
+
+
+def task_tokens(config: ScreenConfig) -> tuple[dict[str, float], Optional[str]]:
+    """Training tokens per sample of each candidate on the task, before any probe: a sample of the
+    task's train rows tokenised with the candidate's tokenizer, times ``probe.epochs``.
+
+    Returns the figures (candidates whose tokenizer cannot be had are absent) and, when the task
+    itself cannot be read here, why.
+    """
+    from lensray.engine.data import load_task, mean_tokens
+    from lensray.engine.models import tokenizer_of
+
+    try:
+        data = load_task(config.task)
+    except LensrayInputError as exc:
+        return {}, str(exc)
+    per_source: dict[str, float] = {}
+    out = {}
+    for c in config.zoo:
+        if c.source not in per_source:
+            tok = tokenizer_of(c.source, c.trust_remote_code)
+            per_source[c.source] = math.nan if tok is None else mean_tokens(data.train, tok, config.task.max_length)
+        if math.isfinite(per_source[c.source]):
+            out[c.id] = per_source[c.source] * config.probe.epochs
+    return out, None
 
 
 def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[Curves] = None) -> dict[str, Any]:
@@ -70,7 +98,9 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
 
     Per candidate: the probes already in the store (a resumed run), the probes still to run and
     their worst-case FLOPs (:func:`flops_per_token` * tokens per sample * D summed over them: no candidate
-    pruned), with tokens per sample measured by the stored probes, else ``tokens_per_sample``.
+    pruned), with tokens per sample measured by the stored probes, else on the task
+    (:func:`task_tokens`, epochs counted), else ``tokens_per_sample``; a replay bills
+    ``tokens_per_sample`` as it runs.
     A size not in the config, the replayed table or the stored probes is counted from the model's config
     (:func:`lensray.engine.models.parameter_counts`, no weights loaded); candidates whose config cannot
     be had are listed, not billed.
@@ -79,8 +109,9 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
     -------
     dict
         ``{"grid", "target", "candidates": [{"candidate", "size", "stored", "todo", "pruned",
-        "flops_todo"}], "assumed_tokens_per_sample" (None for a replay, billed at it exactly),
-        "flops_todo", "flops_stored", "flops_full_tuning", "unsized"}``.
+        "flops_todo", "tokens_per_sample", "tokens_from"}], "flops_todo", "flops_stored",
+        "flops_full_tuning", "unsized", "task_unread"}`` (``tokens_from``: "probes", "task" or
+        "assumed"; ``task_unread``: why the task could not be tokenised here, or None).
     """
     store = ProbeStore(out or config.storage.path, check=False)
     grid = probe_grid(config, replay)
@@ -95,22 +126,28 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
         unknown = [c for c in config.zoo if info[c.id]["size"] is None]
         for c, n in zip(unknown, parameter_counts([(c.source, c.trust_remote_code) for c in unknown])):
             info[c.id]["size"] = None if n is None else float(n)
+    measured, unread = task_tokens(config) if replay is None else ({}, None)
     rows, unsized = [], []
     for p in plans:
         cid, size = p.candidate.id, info[p.candidate.id]["size"]
         mine = [r for r in records if r.get("candidate") == cid]
         todo = p.todo if p.needs_trial else []
-        tokens = tokens_per_sample(mine, config.tokens_per_sample)
+        tokens = tokens_per_sample(mine, math.nan)
+        source = "probes"
+        if not math.isfinite(tokens):
+            source = "task" if cid in measured else "assumed"
+            tokens = measured.get(cid, config.tokens_per_sample)
         rows.append({"candidate": cid, "size": size, "stored": sorted(p.done), "todo": todo,
-                     "pruned": bool(p.decision), "flops_todo": flops_per_token(config, size, mine) * tokens * sum(todo) if size else None})
+                     "pruned": bool(p.decision), "tokens_per_sample": tokens, "tokens_from": source,
+                     "flops_todo": flops_per_token(config, size, mine) * tokens * sum(todo) if size else None})
         if not size:
             unsized.append(cid)
     return {
         "grid": grid, "target": config.target_samples, "candidates": rows,
-        "assumed_tokens_per_sample": None if replay is not None else config.tokens_per_sample, "unsized": unsized,
+        "unsized": unsized, "task_unread": unread,
         "flops_todo": sum(r["flops_todo"] or 0.0 for r in rows),
         "flops_stored": sum(float(r.get("flops") or 0.0) for r in records),
-        "flops_full_tuning": full_tuning(config, info, records),
+        "flops_full_tuning": full_tuning(config, info, records, measured),
     }
 
 

@@ -62,7 +62,7 @@ def test_screen_plan_prints_the_worst_case_bill_and_writes_nothing(tmp_path, cap
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["screen", str(config), "--plan", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "not billed (no size, and no model config to count it from): b" in text
+    assert "not billed, 1 of 2 (no size, and no model config to count it from here: not a tiny id, a local folder or a cached hub id): b" in text
     assert not out.exists()
 
 

@@ -189,7 +189,7 @@ def test_shipped_configs_load():
     assert flan.target_samples == 1_638_400
     example = load_config(REPO / "configs" / "example-jsonl.yaml")
     assert example.candidate("my-checkpoint").source == "./checkpoints/my-model"
-    assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == ["demo.yaml", "example-jsonl.yaml", "flan-zoo.yaml"]
+    assert sorted(p.name for p in (REPO / "configs").glob("*.yaml")) == ["demo.yaml", "example-jsonl.yaml", "flan-zoo.yaml", "gpu-check.yaml"]
 
 
 def test_flan_zoo_matches_the_benchmark_table(benchmarks_dir):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 from lensray.run.config import load_config
-from lensray.run.screen import max_concurrent, plan_bill
+from lensray.run.ranking import plan_bill
+from lensray.run.screen import max_concurrent
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "gpu-check.yaml"
