@@ -13,11 +13,17 @@ from typing import Callable, Sequence
 from lensray.errors import LensrayInputError, one_line
 
 
+DESCRIPTION = "Pick the best pre-trained LLM to fine-tune for a task without fine-tuning them all."
+
+
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
+    from lensray.core.selection import SELECTORS
+
     p = sub.add_parser("benchmark", help="reproduce the papers' selection protocol on a curves table")
     p.add_argument("--curves", required=True, help="CSV table of fine-tuning curves (models x D)")
     p.add_argument("--ratios", default="8,16,32,64,128,256,512", help="budget ratios r: a method sees D <= target/r")
-    p.add_argument("--methods", default=None, help="comma-separated selection methods (default: all)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated selection methods, of: {', '.join(SELECTORS)} (default: all)")
     p.add_argument("--target", type=int, default=1_638_400, help="D*: the data size whose loss is predicted")
     p.add_argument("--out", default=None, help="folder for benchmark.md, benchmark.json and a plot")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -59,10 +65,19 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ntk", action=_Set, key="probe.ntk", nargs=0, const=True,
                    help="also compute the NTK features (--set probe.ntk=true)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    _add_sets(p, {"--device": ("probe.device", str, "'cpu', 'cuda' or 'auto'"),
+    _add_sets(p, {"--device": ("probe.device", str, f"one of: {', '.join(_choices('device'))}"),
                   "--seed": ("probe.seed", int, "random seed (subsets, init of heads, data order)")},
               "probe.epochs=1 or task.max_length=256")
     p.set_defaults(func=_lazy("lensray.cli.probe", "cli_main"))
+
+
+def _choices(field: str) -> tuple[str, ...]:
+    """The values a ``probe.<field>`` option takes."""
+    import typing
+
+    from lensray.engine.probe import ProbeConfig
+
+    return typing.get_args(ProbeConfig.model_fields[field].annotation)
 
 
 def _add_screen(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +107,10 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
 def build_parser() -> argparse.ArgumentParser:
     from lensray import __version__
 
-    parser = argparse.ArgumentParser(prog="lensray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="lensray", description=DESCRIPTION,
+        epilog="Every command is also 'python -m lensray ...'. Bad input ends with one 'error: ...' line and "
+               "exit code 2; 'lensray <command> --help' lists each command's options.")
     parser.add_argument("--version", action="version", version=f"lensray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_benchmark, _add_probe, _add_screen):

@@ -87,3 +87,15 @@ def test_a_bad_set_is_one_line_naming_the_key(tmp_path, capsys):
         assert err.startswith(f"error: {words}") and len(err.strip().splitlines()) == 1, err
     assert main(["screen", str(config), "--plan", "--set", "grid.start=100"]) == 0
     assert "grid: 0, 100, 200, 400, 800" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["screen", "--help"], ["probe", "--help"], ["benchmark", "--help"]])
+def test_help_is_plain_text_and_lists_the_choices(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "``" not in out and ":class:" not in out and ":func:" not in out
+    if argv[0] == "probe":
+        assert "auto, cpu, cuda" in out
+    if argv[0] == "benchmark":
+        assert "ats" in out and "lensray" in out and "rectified" in out
