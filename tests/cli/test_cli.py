@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from lensray.cli.main import build_parser, main
 from lensray.errors import LensrayInputError
 
