@@ -397,11 +397,13 @@ class LensraySelector(Selector):
         self.k, self.window, self.phi, self.cap_quantile, self.gamma = k, window, phi, cap_quantile, gamma
 
     # -- point forecast
-    def _members(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, xt: np.ndarray) -> np.ndarray:
+    def _members(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, xt: np.ndarray,
+                 rect: np.ndarray | None = None) -> np.ndarray:
         """Each member's log L at ``xt[i]`` (log2 size), shape (n, 4) in :data:`MEMBERS` order; NaN
         where a member cannot be computed or the curve has fewer than ``k`` points.
 
-        ``y0``: each curve's zero-shot log-loss (NaN when unknown).
+        ``y0``: each curve's zero-shot log-loss (NaN when unknown); ``rect``: the rectified
+        member when already computed (:meth:`_rectified_memo`).
         """
         n, k, w = len(x), self.k, self.window
         count = np.array([xi.size for xi in x])
@@ -415,7 +417,7 @@ class LensraySelector(Selector):
             s, b = _theil_sen_rows(X[:, lo:hi], Y[:, lo:hi], M[:, lo:hi])
             s = np.minimum(s, 0.0)
             out[:, col] = np.where(fitted, b + s * h, np.nan)
-        out[:, 2] = self._rectified(x, y, y0, xt)
+        out[:, 2] = self._rectified(x, y, y0, xt) if rect is None else rect
         a, e = _polyfit_rows(X[:, -k:], Y[:, -k:], M[:, -k:], 1).T
         s = np.where(fitted, np.minimum(a, 0.0), np.nan)
         q2, q1, _ = _polyfit_rows(X, Y, M, 2).T
@@ -468,13 +470,39 @@ class LensraySelector(Selector):
         return centre, np.where(finite.any(axis=1), spread, np.nan)
 
     def _forecast(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
-                  xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  xt: np.ndarray, rect: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """log L at ``xt[i]`` per curve (the members' median), and the members, (n, 4)."""
-        members = self._members(x, y, y0, xt)
+        members = self._members(x, y, y0, xt, rect)
         return self._combine(members)[0], members
 
+    def _truncations(self, x: list[np.ndarray]) -> list[tuple[int, int]]:
+        """Every (row, number of points) that the backtests of :meth:`_pooled_split` and
+        :meth:`_widen_by_origin` forecast to the row's last point."""
+        sizes = [xi.size for xi in x]
+        out = set()
+        for b in range(1, max(sizes, default=0) - self.k + 1):
+            keep = [i for i, m in enumerate(sizes) if m - b >= self.k]
+            if len(keep) < 2:
+                break
+            out.update((i, sizes[i] - b) for i in keep)
+        for p in {m for m in sizes if m >= self.k}:
+            longer = [j for j, m in enumerate(sizes) if m > p]
+            if len(longer) >= 2:
+                out.update((j, p) for j in longer)
+        return sorted(out)
+
+    def _rectified_memo(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray) -> dict[tuple[int, int], float]:
+        """The rectified member of every backtest (row, points) -> log L at the row's last point,
+        fitted in one batch (one law fit per prediction instead of one per backtest)."""
+        jobs = self._truncations(x)
+        if not jobs:
+            return {}
+        got = self._rectified([x[i][:m] for i, m in jobs], [y[i][:m] for i, m in jobs],
+                              np.array([y0[i] for i, _ in jobs]), np.array([x[i][-1] for i, _ in jobs]))
+        return dict(zip(jobs, got))
+
     # -- interval scale from leave-future-out backtests
-    def _backtests(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray):
+    def _backtests(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, memo: dict | None = None):
         """Yield ``(err, horizon)`` per backtest ``b = 1, 2, ...``: the last ``b`` points hidden.
 
         ``err`` are the log-loss errors of the kept curves at their last point, ``horizon`` the
@@ -485,17 +513,19 @@ class LensraySelector(Selector):
             keep = [i for i in range(len(x)) if x[i].size - b >= self.k]
             if len(keep) < 2:
                 break
-            err, horizon = self._hidden_errors(x, y, y0, keep, [x[i].size - b for i in keep])
+            err, horizon = self._hidden_errors(x, y, y0, keep, [x[i].size - b for i in keep], memo)
             if np.isfinite(err).any():
                 yield err, horizon
 
     def _hidden_errors(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, rows: list[int],
-                       points: list[int]) -> tuple[np.ndarray, float]:
+                       points: list[int], memo: dict | None = None) -> tuple[np.ndarray, float]:
         """Log-loss errors of ``rows`` at their last point forecast from their first ``points``
-        points, and the mean distance (doublings) of those forecasts."""
+        points, and the mean distance (doublings) of those forecasts; ``memo``: the rectified
+        member by (row, points) (:meth:`_rectified_memo`)."""
         xs = [x[i][:m] for i, m in zip(rows, points)]
+        rect = None if memo is None else np.array([memo[i, m] for i, m in zip(rows, points)])
         pred, _ = self._forecast(xs, [y[i][:m] for i, m in zip(rows, points)], y0[rows],
-                                 np.array([x[i][-1] for i in rows]))
+                                 np.array([x[i][-1] for i in rows]), rect)
         err = np.array([y[i][-1] for i in rows]) - pred
         return err, float(np.mean([x[i][-1] - xi[-1] for i, xi in zip(rows, xs)]))
 
@@ -510,7 +540,7 @@ class LensraySelector(Selector):
         return abs(c), float(np.sum((finite - c) ** 2)), finite.size - 1
 
     def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
-                      H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                      H: np.ndarray, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Zoo-common and own parts of the backtest error, scaled to each horizon ``H`` (doublings).
 
         In backtest ``b`` the errors split into their zoo mean ``c_b`` and residuals ``u_i``; both
@@ -520,7 +550,7 @@ class LensraySelector(Selector):
         curves it rests on (:func:`small_sample_factor`). NaN when no backtest is possible.
         """
         common, own, dof = [], [], 0
-        for err, horizon in self._backtests(x, y, y0):
+        for err, horizon in self._backtests(x, y, y0, memo):
             g = (np.maximum(H, 0.0) / horizon) ** self.gamma
             c, ss, k = self._parts(err)
             common.append(c * g)
@@ -532,14 +562,14 @@ class LensraySelector(Selector):
         return np.sqrt(np.mean(np.square(common), axis=0)), own_sd
 
     def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, H: np.ndarray,
-                         common: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                         common: np.ndarray, own: np.ndarray, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The split widened by backtests from each row's own number of points (:func:`lensray_error_split`)."""
         common, own = common.copy(), own.copy()
         for p in {xi.size for xi in x if xi.size >= self.k}:
             longer = [j for j in range(len(x)) if x[j].size > p]
             if len(longer) < 2:
                 continue
-            err, h = self._hidden_errors(x, y, y0, longer, [p] * len(longer))
+            err, h = self._hidden_errors(x, y, y0, longer, [p] * len(longer), memo)
             c, ss, dof = self._parts(err)
             if dof < 1:
                 continue
@@ -580,9 +610,10 @@ class LensraySelector(Selector):
         members = self._members(x, y, y0, np.full(len(curves), xt))
         logL, spread = self._combine(members)
         H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
-        common, own = self._pooled_split(x, y, y0, H)
+        memo = self._rectified_memo(x, y, y0)
+        common, own = self._pooled_split(x, y, y0, H, memo)
         half = stats.norm.ppf(0.5 + LEVEL / 2) * np.sqrt(common**2 + own**2 + spread**2)
-        common_w, own_w = self._widen_by_origin(x, y, y0, H, common, own)
+        common_w, own_w = self._widen_by_origin(x, y, y0, H, common, own, memo)
         return _prediction(curves, np.exp(logL), np.exp(logL - half), np.exp(logL + half), errors=errors,
                            params=members, error_split=(common_w, np.hypot(own_w, spread)))
 
