@@ -328,11 +328,9 @@ def _theil_sen_rows(X: np.ndarray, Y: np.ndarray, M: np.ndarray) -> tuple[np.nda
     with np.errstate(divide="ignore", invalid="ignore"):
         slopes = np.where(pair, (Y[:, j] - Y[:, i]) / (X[:, j] - X[:, i]), np.nan)
     has = pair.any(axis=1)
-    slope = np.full(X.shape[0], np.nan)
+    slope, icpt = np.full(X.shape[0], np.nan), np.full(X.shape[0], np.nan)
     if has.any():
         slope[has] = np.nanmedian(slopes[has], axis=1)
-    icpt = np.full(X.shape[0], np.nan)
-    if has.any():
         icpt[has] = np.nanmedian(np.where(M[has], Y[has] - slope[has, None] * X[has], np.nan), axis=1)
     return slope, icpt
 
@@ -347,7 +345,7 @@ class LensraySelector(Selector):
     Per curve (points D > 0, x = log2 D, y = log L), four forecasts of log L at the target:
 
     1. **Recent line**: Theil-Sen line through the last ``k`` points (the current power-phase
-       slope; never rising). Fails low for curves still steepening.
+       slope; never rising). Too pessimistic for curves still steepening.
     2. **Window line**: Theil-Sen line through the last ``window`` points. Robust to one odd
        point (a bump, a spike) but lags a steepening curve.
     3. **Rectified law** ``L = B / (D_l + D^beta) + E`` fitted on every visible point, D = 0
