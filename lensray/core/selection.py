@@ -5,15 +5,17 @@ registry :data:`SELECTORS` maps the names used by the CLI to the classes. A row 
 cannot score gets ``ok = False``, a NaN score and a one-line reason in ``errors``; the other
 rows are still ranked, failed rows last.
 
-Methods: ``zeroshot`` (loss at D = 0), ``subtuning`` (loss at the largest
+Methods (DESIGN.md §2-§3): ``zeroshot`` (loss at D = 0), ``subtuning`` (loss at the largest
 visible D), ``modelsize`` (score log size, larger is better), ``vanilla`` (power law on
 D > 0), ``rectified`` (rectified law on D = 0 and D > 0), ``ats`` (Accept-then-Stop line),
 ``lensllm`` (LensLLM law; NTK-supplied F when the curves carry ``ntk_F``) and ``lensray``
-(the project's predictor, :class:`LensraySelector`).
+(the project's predictor, :class:`LensraySelector`: the median of two robust lines, the
+rectified law and a zoo-shared steepening).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,7 +63,7 @@ class Prediction:
         Rank by descending score (``modelsize``); default ascending (a loss).
     error_split : (array (n,), array (n,)) or None
         ``lensray`` only: standard deviations of the zoo-common and own parts of the error of
-        log ``loss`` (see :class:`LensraySelector`, step 5).
+        log ``loss`` (:meth:`LensraySelector._pooled_split`, widened by ``_widen_by_origin``).
     """
 
     ids: list[str]
@@ -316,151 +318,212 @@ class LensLLMSelector(LawSelector):
 
 
 # ----------------------------------------------------------------------------- lensray
+def _theil_sen_rows(X: np.ndarray, Y: np.ndarray, M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Theil-Sen line per row over its masked points: slope = median of the pairwise slopes,
+    intercept = median of ``y - slope x``; NaN for rows with fewer than 2 points. A single odd
+    point among ``w >= 5`` moves neither median beyond the spread of the others."""
+    w = X.shape[1]
+    i, j = np.triu_indices(w, 1)
+    pair = M[:, i] & M[:, j]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slopes = np.where(pair, (Y[:, j] - Y[:, i]) / (X[:, j] - X[:, i]), np.nan)
+    has = pair.any(axis=1)
+    slope, icpt = np.full(X.shape[0], np.nan), np.full(X.shape[0], np.nan)
+    if has.any():
+        slope[has] = np.nanmedian(slopes[has], axis=1)
+        icpt[has] = np.nanmedian(np.where(M[has], Y[has] - slope[has, None] * X[has], np.nan), axis=1)
+    return slope, icpt
+
+
+MEMBERS = ("recent line", "window line", "rectified law", "zoo steepening")
+"""The extrapolators combined by :class:`LensraySelector`, in the order of its ``params`` columns."""
+
+
 class LensraySelector(Selector):
-    """The project's predictor: power-phase tangent + zoo-shared slope growth, damped and capped.
+    """The project's predictor: the median of four extrapolators that fail differently.
 
-    Per curve (points D > 0, x = log2 D, y = log L):
+    Per curve (points D > 0, x = log2 D, y = log L), four forecasts of log L at the target:
 
-    1. **Tangent**: OLS line through the last ``k_tangent`` measured points (the current power-
-       phase slope ``s_i <= 0`` and level ``e_i`` at the last point ``x_i``).
-    2. **Zoo-shared steepening**: fine-tuning curves steepen in log-log as they leave the
-       pre-power phase. Each curve with at least 4 points gives a relative steepening rate
-       ``rho_i = y''/y'`` at its last point from a quadratic fit over its last
-       ``curvature_window`` points; the zoo rate ``rho`` is their median (one number per zoo:
-       sharing strength across candidates; one curve's curvature is too noisy to extrapolate).
-       **Shared out by the transition** (the zero-shot point D = 0): the rectified law without its
-       floor, ``L = B / (D_l + D^beta)``, places a curve at transition progress ``u = 1 - L/L(0)``
-       (the share of its zero-shot loss already gone), where its log-log slope is ``-beta u ln 2``
-       and its steepening rate ``d log|s| / d log2 D = |s| (1 - u) / u =: t_i``: a curve that has
-       shed most of its zero-shot loss has little steepening left. The zoo still sets how much
-       curves steepen; the law only shares it out, ``rho_i = rho clip(t_i / median t, 1/c, c)^w``
-       (``|s|`` the least-squares slope over the curvature window; ``w = transition_weight``,
-       halfway in log between the zoo-common rate, 0, and the law's own, 1, whose noise fails the
-       noisier synthetic zoos; ``c = transition_clip``). A curve without a zero-shot loss, or not
-       below it, keeps ``rho``, and so does every curve when fewer than 3 can be placed (a table
-       without the D = 0 column gets the zoo rate throughout).
-    3. **Damped trend** (as in Holt's damped-trend forecasting): after ``h`` more doublings the
-       slope is ``s_i exp(rho_i (phi + phi^2 + ... + phi^h))``, so the steepening fades with
-       damping ``phi``; log L at the target is ``e_i`` plus the sum of these slopes over the
-       ``H_i = log2(target) - x_i`` doublings (the last, fractional one pro rata).
-    4. **Saturation at the zoo's steepest slope**: the power phase has a limiting slope (the
-       rectified law's ``-beta``), so steepening stops there. No curve is steepened beyond
-       ``s_cap``, the ``cap_quantile`` quantile of the zoo's current tangent slopes (a robust
-       "steepest slope measured so far"); a curve already steeper keeps its own slope. A curve
-       that is alone in its zoo is therefore extrapolated along its tangent.
-    5. **Interval** (90 %): leave-future-out backtests on the visible data: the same predictor
-       run with the last ``b`` points hidden predicts the hidden last point of every curve
-       (``b`` doublings ahead, ``b = 1, 2, ...`` while ``k_tangent`` points remain); the
-       errors of each ``b`` are scaled to the target's distance by ``(H / b)^gamma``
-       (``gamma = 1.5``: between slope errors, linear in H, and curvature errors, quadratic)
-       and pooled over ``b`` into ``sigma(H_i)``, a zoo-common and an own part (below); the
-       interval is ``exp(log L_hat -/+ z_0.95 sigma(H_i))``; NaN when no curve has more than
-       ``k_tangent`` points (nothing to backtest). The own part's spread is estimated on the
-       curves at hand and widened by ``t_dof / z`` (:func:`small_sample_factor`): a zoo where
-       only 2 curves are long enough to backtest cannot claim a narrow interval. The prediction
-       also carries the split of this error into a zoo-common and an own part
-       (``Prediction.error_split``), widened from each row's origin (``_widen_by_origin``).
+    1. **Recent line**: Theil-Sen line through the last ``k`` points (the current power-phase
+       slope; never rising). Too pessimistic for curves still steepening.
+    2. **Window line**: Theil-Sen line through the last ``window`` points. Robust to one odd
+       point (a bump, a spike) but lags a steepening curve.
+    3. **Rectified law** ``L = B / (D_l + D^beta) + E`` fitted on every visible point, D = 0
+       included (:class:`lensray.core.laws.RectifiedLaw`). Global: one odd stretch hardly moves
+       it, but it fails where the curve's shape departs from the law (early budgets, steps).
+    4. **Zoo steepening**: the recent line's slope ``s_i`` (least squares, last ``k`` points)
+       steepened by the zoo-shared rate ``rho`` (median over the curves of ``y''/y'`` of a
+       quadratic over the last ``window`` points: one curve's curvature is too noisy to
+       extrapolate, the zoo's is not), damped as in Holt's damped trend (after ``h`` more
+       doublings the slope is ``s_i exp(rho (phi + ... + phi^h))``) and never steeper than
+       the ``cap_quantile`` quantile of the zoo's current slopes (the power phase has a
+       limiting slope; a curve already steeper keeps its own). Captures the steepening the
+       lines miss; runs away when the zoo's curvature does not hold for a curve.
 
-    The rank is that of the point prediction (the predictive spread is the same for every
-    candidate of a zoo, so the probability of being best orders them alike).
+    The forecast is the **median** of the members (the mean of the middle two; members that
+    could not be computed are left out): any one member running away is ignored, two must fail
+    the same way to move it. One odd stretch of a curve moves the forecast by at most the
+    spread of the members it leaves untouched.
+
+    **Interval** (90 %): ``exp(log L_hat -/+ z_0.95 sigma_i)`` with ``sigma_i^2 = common^2 +
+    own^2 + disagreement_i^2``:
+
+    - leave-future-out backtests on the visible data give the zoo-common and own parts: the
+      same predictor, run with the last ``b`` points hidden, predicts the hidden last point of
+      every curve (``b = 1, 2, ...`` while ``k`` points remain); each backtest's errors split
+      into their zoo mean and the residuals about it, both scaled to the target's distance by
+      ``(H / b)^gamma`` (``gamma`` = 1.5: between slope errors, linear in H, and curvature
+      errors, quadratic) and pooled over ``b``; the residual spread is widened for the few
+      curves it rests on (:func:`small_sample_factor`). NaN when nothing can be backtested;
+    - the candidate's own **disagreement**: the standard deviation of its members' forecasts.
+      It widens the interval of a curve whose slope is unstable (the two lines part) or
+      whose shape the law and the lines read differently, and is part of the own error.
+
+    The prediction carries the split (zoo-common, own including the disagreement) for the
+    pruning rule (``Prediction.error_split``). The rank is that of the point forecast.
 
     Defaults are fixed here, identical for every table; nothing looks at columns beyond the
-    budget. ``benchmarks/selection_study.py`` holds the evidence for each default (a plateau on
-    both shared tables, on pseudo-protocols with nearer targets, on synthetic zoos and on
-    random sub-zoos) and the alternatives that were measured and rejected.
+    budget. They were chosen by leave-one-table-out on a plateau (``benchmarks/predictor_study.py``).
     """
 
     name = "lensray"
 
-    def __init__(
-        self,
-        k_tangent: int = 3,
-        curvature_window: int = 5,
-        phi: float = 0.75,
-        gamma: float = 1.5,
-        cap_quantile: float = 0.05,
-        transition_weight: float = 0.5,
-        transition_clip: float = 4.0,
-    ) -> None:
-        self.k_tangent, self.curvature_window, self.phi, self.gamma = k_tangent, curvature_window, phi, gamma
-        self.cap_quantile = cap_quantile
-        self.transition_weight, self.transition_clip = transition_weight, transition_clip
+    def __init__(self, k: int = 3, window: int = 6, phi: float = 0.75, cap_quantile: float = 0.05,
+                 gamma: float = 1.5) -> None:
+        if not 2 <= k <= window:
+            raise ValueError(f"need 2 <= k <= window, got k={k}, window={window}")
+        self.k, self.window, self.phi, self.cap_quantile, self.gamma = k, window, phi, cap_quantile, gamma
 
     # -- point forecast
-    def _forecast(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
-                  xt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """log L at ``xt[i]`` (log2 size) for each curve, and (slope, level, own rho) per curve.
+    def _members(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, xt: np.ndarray,
+                 rect: np.ndarray | None = None) -> np.ndarray:
+        """Each member's log L at ``xt[i]`` (log2 size), shape (n, 4) in :data:`MEMBERS` order; NaN
+        where a member cannot be computed or the curve has fewer than ``k`` points.
 
-        ``y0``: each curve's zero-shot log-loss (NaN when unknown).
+        ``y0``: each curve's zero-shot log-loss (NaN when unknown); ``rect``: the rectified
+        member when already computed (:meth:`_rectified_memo`).
         """
-        n = len(x)
-        k, w = self.k_tangent, self.curvature_window
+        n, k, w = len(x), self.k, self.window
         count = np.array([xi.size for xi in x])
-        X, Y, M = _last_points(x, y, max(k, w))
-        a, b = _polyfit_rows(X[:, -k:], Y[:, -k:], M[:, -k:], 1).T
         fitted = count >= k
-        s, e = np.where(fitted, np.minimum(a, 0.0), np.nan), np.where(fitted, b, np.nan)
-        q2, q1, _ = _polyfit_rows(X[:, -w:], Y[:, -w:], M[:, -w:], 2).T
+        out = np.full((n, len(MEMBERS)), np.nan)
+        if not fitted.any():
+            return out
+        X, Y, M = _last_points(x, y, w)
+        h = xt - np.array([xi[-1] if xi.size else np.nan for xi in x])  # doublings ahead
+        for col, (lo, hi) in enumerate(((w - k, w), (0, w))):
+            s, b = _theil_sen_rows(X[:, lo:hi], Y[:, lo:hi], M[:, lo:hi])
+            s = np.minimum(s, 0.0)
+            out[:, col] = np.where(fitted, b + s * h, np.nan)
+        out[:, 2] = self._rectified(x, y, y0, xt) if rect is None else rect
+        a, e = _polyfit_rows(X[:, -k:], Y[:, -k:], M[:, -k:], 1).T
+        s = np.where(fitted, np.minimum(a, 0.0), np.nan)
+        q2, q1, _ = _polyfit_rows(X, Y, M, 2).T
         curved = fitted & (np.minimum(count, w) >= 4) & (q1 < -1e-3)
-        rho = np.where(curved, 2 * q2 / np.where(curved, q1, 1.0), np.nan)
-        zoo_rho = float(np.nanmedian(rho)) if np.isfinite(rho).any() else 0.0
-        window_slope = _polyfit_rows(X[:, -w:], Y[:, -w:], M[:, -w:], 1)[:, 0]
-        last = np.array([yi[-1] if yi.size else np.nan for yi in y])
-        rates = self._transition_rates(np.where(fitted, y0 - last, np.nan), window_slope, zoo_rho)
-        s_cap = float(np.quantile(s[fitted], self.cap_quantile)) if fitted.any() else 0.0
-        out = _nan(n)
+        rho = float(np.median(2 * q2[curved] / q1[curved])) if curved.any() else 0.0
+        s_cap = float(np.quantile(s[fitted], self.cap_quantile))
         for i in np.flatnonzero(fitted):
-            out[i] = e[i] + self._slope_sum(s[i], rates[i], min(s_cap, s[i]), xt[i] - x[i][-1])
-        return out, np.column_stack([s, e, rho])
+            out[i, 3] = e[i] + self._slope_sum(s[i], rho, min(s_cap, s[i]), h[i])
+        out[~fitted] = np.nan
+        return out
 
-    def _transition_rates(self, gone: np.ndarray, slope: np.ndarray, zoo_rho: float) -> np.ndarray:
-        """Each curve's steepening rate: the zoo's ``zoo_rho`` shared out by the transition (step 2).
+    @staticmethod
+    def _rectified(x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, xt: np.ndarray) -> np.ndarray:
+        """Rectified-law forecast of log L at ``xt`` per curve, fitted on its points and D = 0."""
+        from lensray.core.laws import RectifiedLaw
 
-        ``gone``: log L(0) - log L at the last point (NaN when unknown); ``slope``: the
-        least-squares slope over the curvature window.
-        """
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # |s| (1 - u) / u with u = 1 - exp(-gone)
-            t = np.where(np.isfinite(gone) & (gone > 0), -np.minimum(slope, 0.0) / np.expm1(gone), np.nan)
-        placed = np.isfinite(t) & (t > 0)
-        if placed.sum() < 3:
-            return np.full(gone.shape, zoo_rho)
-        c = self.transition_clip
-        ratio = np.where(placed, np.clip(t / np.median(t[placed]), 1 / c, c), 1.0)
-        return zoo_rho * ratio**self.transition_weight
+        sizes = np.unique(np.concatenate([np.round(np.exp2(xi)) for xi in x] + [np.zeros(1)]))
+        col = {d: j for j, d in enumerate(sizes)}
+        L = np.full((len(x), sizes.size), np.nan)
+        L[:, 0] = np.exp(y0)
+        for i, (xi, yi) in enumerate(zip(x, y)):
+            L[i, [col[d] for d in np.round(np.exp2(xi))]] = np.exp(yi)
+        out = _nan(len(x))
+        enough = np.sum(np.isfinite(L), axis=1) >= 5
+        if enough.any():
+            law = RectifiedLaw().fit(sizes, L[enough])
+            grid = np.unique(np.exp2(xt[enough]))
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                pred = law.predict(grid)
+                out[enough] = np.log(pred[np.arange(pred.shape[0]), np.searchsorted(grid, np.exp2(xt[enough]))])
+        return out
 
     def _slope_sum(self, s: float, rho: float, s_cap: float, H: float) -> float:
         """Sum over the H doublings ahead of the slopes max(s exp(rho (phi + ... + phi^h)), s_cap)."""
-        if H <= 0:
+        if not H > 0:
             return 0.0
         h = np.arange(1, int(np.ceil(H)) + 1)
         slope = np.maximum(s * np.exp(rho * np.cumsum(self.phi**h)), s_cap)
         weight = np.minimum(1.0, H - (h - 1))  # the last doubling counts pro rata
         return float(np.sum(slope * weight))
 
+    @staticmethod
+    def _combine(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The median of each row's finite members and their standard deviation (0 for one member)."""
+        finite = np.isfinite(members)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            centre = np.nanmedian(members, axis=1)
+            spread = np.where(finite.sum(axis=1) > 1, np.nanstd(members, axis=1, ddof=1), 0.0)
+        return centre, np.where(finite.any(axis=1), spread, np.nan)
+
+    def _forecast(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
+                  xt: np.ndarray, rect: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """log L at ``xt[i]`` per curve (the members' median), and the members, (n, 4)."""
+        members = self._members(x, y, y0, xt, rect)
+        return self._combine(members)[0], members
+
+    def _truncations(self, x: list[np.ndarray]) -> list[tuple[int, int]]:
+        """Every (row, number of points) that the backtests of :meth:`_pooled_split` and
+        :meth:`_widen_by_origin` forecast to the row's last point."""
+        sizes = [xi.size for xi in x]
+        out = set()
+        for b in range(1, max(sizes, default=0) - self.k + 1):
+            keep = [i for i, m in enumerate(sizes) if m - b >= self.k]
+            if len(keep) < 2:
+                break
+            out.update((i, sizes[i] - b) for i in keep)
+        for p in {m for m in sizes if m >= self.k}:
+            longer = [j for j, m in enumerate(sizes) if m > p]
+            if len(longer) >= 2:
+                out.update((j, p) for j in longer)
+        return sorted(out)
+
+    def _rectified_memo(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray) -> dict[tuple[int, int], float]:
+        """The rectified member of every backtest (row, points) -> log L at the row's last point,
+        fitted in one batch (one law fit per prediction instead of one per backtest)."""
+        jobs = self._truncations(x)
+        if not jobs:
+            return {}
+        got = self._rectified([x[i][:m] for i, m in jobs], [y[i][:m] for i, m in jobs],
+                              np.array([y0[i] for i, _ in jobs]), np.array([x[i][-1] for i, _ in jobs]))
+        return dict(zip(jobs, got))
+
     # -- interval scale from leave-future-out backtests
-    def _backtests(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray):
+    def _backtests(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, memo: dict | None = None):
         """Yield ``(err, horizon)`` per backtest ``b = 1, 2, ...``: the last ``b`` points hidden.
 
         ``err`` are the log-loss errors of the kept curves at their last point, ``horizon`` the
         mean distance (doublings) from the hidden-from point to it.
         """
         m_max = max((xi.size for xi in x), default=0)
-        for b in range(1, m_max - self.k_tangent + 1):
-            keep = [i for i in range(len(x)) if x[i].size - b >= self.k_tangent]
+        for b in range(1, m_max - self.k + 1):
+            keep = [i for i in range(len(x)) if x[i].size - b >= self.k]
             if len(keep) < 2:
                 break
-            err, horizon = self._hidden_errors(x, y, y0, keep, [x[i].size - b for i in keep])
+            err, horizon = self._hidden_errors(x, y, y0, keep, [x[i].size - b for i in keep], memo)
             if np.isfinite(err).any():
                 yield err, horizon
 
     def _hidden_errors(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, rows: list[int],
-                       points: list[int]) -> tuple[np.ndarray, float]:
+                       points: list[int], memo: dict | None = None) -> tuple[np.ndarray, float]:
         """Log-loss errors of ``rows`` at their last point forecast from their first ``points``
-        points, and the mean distance (doublings) of those forecasts."""
+        points, and the mean distance (doublings) of those forecasts; ``memo``: the rectified
+        member by (row, points) (:meth:`_rectified_memo`)."""
         xs = [x[i][:m] for i, m in zip(rows, points)]
+        rect = None if memo is None else np.array([memo[i, m] for i, m in zip(rows, points)])
         pred, _ = self._forecast(xs, [y[i][:m] for i, m in zip(rows, points)], y0[rows],
-                                 np.array([x[i][-1] for i in rows]))
+                                 np.array([x[i][-1] for i in rows]), rect)
         err = np.array([y[i][-1] for i in rows]) - pred
         return err, float(np.mean([x[i][-1] - xi[-1] for i, xi in zip(rows, xs)]))
 
@@ -475,7 +538,7 @@ class LensraySelector(Selector):
         return abs(c), float(np.sum((finite - c) ** 2)), finite.size - 1
 
     def _pooled_split(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray,
-                      H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                      H: np.ndarray, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Zoo-common and own parts of the backtest error, scaled to each horizon ``H`` (doublings).
 
         In backtest ``b`` the errors split into their zoo mean ``c_b`` and residuals ``u_i``; both
@@ -485,7 +548,7 @@ class LensraySelector(Selector):
         curves it rests on (:func:`small_sample_factor`). NaN when no backtest is possible.
         """
         common, own, dof = [], [], 0
-        for err, horizon in self._backtests(x, y, y0):
+        for err, horizon in self._backtests(x, y, y0, memo):
             g = (np.maximum(H, 0.0) / horizon) ** self.gamma
             c, ss, k = self._parts(err)
             common.append(c * g)
@@ -497,25 +560,14 @@ class LensraySelector(Selector):
         return np.sqrt(np.mean(np.square(common), axis=0)), own_sd
 
     def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, H: np.ndarray,
-                         common: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The split widened by backtests from each row's own number of points.
-
-        A forecast from few points (early in a curve, before its power phase) is less reliable
-        than the same horizon seen from late points, and the backtests mostly start late. So each
-        part is also measured from the row's own origin: the curves longer than the row, cut to
-        its number of points ``p``, forecast their last point (mean distance ``h``); the mean and
-        the spread of those errors (``n - 1`` degrees of freedom, widened by the same small-sample
-        factor), scaled by ``(H_i / h)^gamma``, are a second estimate of the common and own parts,
-        and each part is the larger of its two estimates (when at least 2 curves are longer).
-        Only ever wider: a scheduler comparing on these parts stops a candidate early only when
-        early forecasts have proven reliable on the zoo.
-        """
+                         common: np.ndarray, own: np.ndarray, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The split widened by backtests from each row's own number of points (see the class docstring)."""
         common, own = common.copy(), own.copy()
-        for p in {xi.size for xi in x if xi.size >= self.k_tangent}:
+        for p in {xi.size for xi in x if xi.size >= self.k}:
             longer = [j for j in range(len(x)) if x[j].size > p]
             if len(longer) < 2:
                 continue
-            err, h = self._hidden_errors(x, y, y0, longer, [p] * len(longer))
+            err, h = self._hidden_errors(x, y, y0, longer, [p] * len(longer), memo)
             c, ss, dof = self._parts(err)
             if dof < 1:
                 continue
@@ -525,26 +577,45 @@ class LensraySelector(Selector):
             own[rows] = np.fmax(own[rows], np.sqrt(ss / dof) * small_sample_factor(dof) * g)
         return common, own
 
-    def _predict(self, curves: Curves, target: int) -> Prediction:
-        xt = np.log2(_check_target(curves, target))
-        n = len(curves)
-        x, y, errors = [], [], []
-        for i in range(n):
+    def _points(self, curves: Curves) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+        """Per curve log2 D and log L of the points D > 0, and the zero-shot log-loss (NaN if none)."""
+        x, y = [], []
+        for i in range(len(curves)):
             D, L = _row_points(curves, i)
             x.append(np.log2(D))
             y.append(np.log(L))
-            short = D.size < self.k_tangent
-            errors.append(f"needs at least {self.k_tangent} measured points with D > 0, has {D.size}" if short else None)
         zero = np.flatnonzero(curves.D == 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            y0 = np.log(curves.L[:, zero[0]]) if zero.size else _nan(n)  # NaN where no positive zero-shot loss
-        logL, params = self._forecast(x, y, y0, np.full(n, xt))
+            y0 = np.log(curves.L[:, zero[0]]) if zero.size else _nan(len(curves))
+        return x, y, y0
+
+    def members(self, curves: Curves, target: int) -> np.ndarray:
+        """Each member's forecast of log L at ``target``, shape (n, 4) in :data:`MEMBERS` order
+        (the point forecast is their median; no interval is computed)."""
+        xt = np.log2(_check_target(curves, target))
+        x, y, y0 = self._points(curves)
+        return self._members(x, y, y0, np.full(len(curves), xt))
+
+    def predict_point(self, curves: Curves, target: int) -> np.ndarray:
+        """The point forecast of :meth:`predict` (loss at ``target`` per row) without its interval."""
+        return np.exp(self._combine(self.members(curves, target))[0])
+
+    def _predict(self, curves: Curves, target: int) -> Prediction:
+        xt = np.log2(_check_target(curves, target))
+        x, y, y0 = self._points(curves)
+        errors = [f"needs at least {self.k} measured points with D > 0, has {xi.size}" if xi.size < self.k else None
+                  for xi in x]
+        members = self._members(x, y, y0, np.full(len(curves), xt))
+        logL, spread = self._combine(members)
         H = np.array([xt - xi[-1] if xi.size else np.nan for xi in x])
-        common, own = self._pooled_split(x, y, y0, H)
-        half = stats.norm.ppf(0.5 + LEVEL / 2) * np.hypot(common, own)
-        loss = np.exp(logL)
-        return _prediction(curves, loss, np.exp(logL - half), np.exp(logL + half), errors=errors, params=params,
-                           error_split=self._widen_by_origin(x, y, y0, H, common, own))
+        memo = self._rectified_memo(x, y, y0)
+        common, own = self._pooled_split(x, y, y0, H, memo)
+        half = stats.norm.ppf(0.5 + LEVEL / 2) * np.sqrt(common**2 + own**2 + spread**2)
+        common_w, own_w = self._widen_by_origin(x, y, y0, H, common, own, memo)
+        return _prediction(curves, np.exp(logL), np.exp(logL - half), np.exp(logL + half), errors=errors,
+                           params=members, error_split=(common_w, np.hypot(own_w, spread)))
+
+
 
 
 SELECTORS: dict[str, type[Selector]] = {
