@@ -256,3 +256,16 @@ def test_relative_local_path_is_made_absolute(tmp_path, monkeypatch):
     store = ProbeStore("runs/rel")
     assert os.path.isabs(store.uri)
     assert store.uri == str(tmp_path / "runs" / "rel")
+
+
+def test_uri_of_keeps_the_query_after_the_name(tmp_path):
+    store = ProbeStore("mock://bucket/run?region=us-east-1", check=False)
+    assert store.uri_of("tune") == "mock://bucket/run/tune?region=us-east-1"
+    assert ProbeStore("mock://bucket/run/", check=False).uri_of("train") == "mock://bucket/run/train"
+    assert ProbeStore(str(tmp_path)).uri_of("tune") == f"{tmp_path}/tune"
+
+
+@pytest.mark.parametrize("key", ["secret_key", "access_key", "session_token"])
+def test_credentials_in_the_uri_are_refused(key):
+    with pytest.raises(LensrayInputError, match=f"storage.path: credentials in the URI \\({key}\\)"):
+        ProbeStore(f"s3://bucket/run?endpoint_override=127.0.0.1:9&{key}=abcdef", check=False)
