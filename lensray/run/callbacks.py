@@ -260,3 +260,27 @@ class quiet_tune:
             else:
                 os.environ[key] = value
         self._logger.setLevel(self._level)
+
+
+WITHHELD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
+"""Credentials Ray Tune copies from the driver's environment into each trial's runtime env, which
+Ray's runtime-env agent writes in plain text to its log. Not copied while trials run: workers of a
+local Ray inherit them from the driver that started it; the nodes of a remote cluster use their
+own (an instance role, or the nodes' environment)."""
+
+
+class withheld_credentials:
+    """Context: Ray Tune does not copy the :data:`WITHHELD_ENV` variables into trial runtime envs
+    (the driver keeps them; ``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE`` restored on exit)."""
+
+    def __enter__(self) -> None:
+        try:
+            from ray.tune.execution.class_cache import ENV_VARS_TO_PROPAGATE as names
+        except ImportError:  # another Ray layout: nothing to withhold
+            names = set()
+        self._names = names
+        self._saved = names.intersection(WITHHELD_ENV)
+        names.difference_update(self._saved)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._names.update(self._saved)

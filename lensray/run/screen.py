@@ -20,7 +20,9 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, Forecaster, Stop, zoo_forecaster
 from lensray.errors import LensrayInputError, one_line
-from lensray.run.callbacks import ForecastMetrics, PlacementGroupReaper, Progress, quiet_tune, tracking_callbacks
+from lensray.run.callbacks import (
+    ForecastMetrics, PlacementGroupReaper, Progress, quiet_tune, tracking_callbacks, withheld_credentials,
+)
 from lensray.run.config import ScreenConfig
 from lensray.run.ranking import candidate_info, full_tuning, rank
 from lensray.run.scheduler import TIME_ATTR, CurvePruner
@@ -225,7 +227,7 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
         done={p.candidate.id: {n: float(r["test_loss"]) for n, r in p.done.items()} for p in plans},
         candidates=info, tokens_per_sample=config.tokens_per_sample,
         task=config.task.model_dump(mode="json"), probe=config.probe.model_dump(mode="json"),
-        train_storage=_storage_path(store, "train"),
+        train_storage=store.uri_of("train"),
     )
     if replay is not None:
         col = {int(d): j for j, d in enumerate(replay.D)}
@@ -275,14 +277,14 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
         ),
         run_config=tune.RunConfig(
             name=f"tune-{int(time.time())}",
-            storage_path=_storage_path(store, "tune"),
+            storage_path=store.uri_of("tune"),
             failure_config=tune.FailureConfig(max_failures=TUNE_MAX_FAILURES),
             callbacks=[ForecastMetrics(lambda: scheduler.forecasts), *([bar] if bar else []),
                        *([PlacementGroupReaper()] if backend == "train" else []), *run.callbacks],
             verbose=0,
         ),
     )
-    with quiet_tune(run.tune_loggers):
+    with quiet_tune(run.tune_loggers), withheld_credentials():
         results = tuner.fit()
     for res in results:
         cid = (res.config or {}).get("candidate")
@@ -293,10 +295,6 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
 def _trial_dirname(trial: Any) -> str:
     """Tune's folder of a trial: the candidate's sanitised key (no id reaches a path)."""
     return f"trial-{candidate_key(str(trial.config['candidate']))}"
-
-
-def _storage_path(store: ProbeStore, name: str) -> str:
-    return store.path(name) if "://" not in store.uri else f"{store.uri.rstrip('/')}/{name}"
 
 
 def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],

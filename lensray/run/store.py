@@ -51,6 +51,9 @@ PROBES_DIR = "probes"
 TEMP_MARK = ".tmp-"
 READ_THREADS = 16
 MIN_FREE_BYTES = 64 * 2**20  # a local output location with less free space counts as full
+CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")
+"""Query keys of a pyarrow URI that carry credentials (refused: they would reach config.yaml and logs)."""
+
 def is_ok(record: Mapping[str, Any]) -> bool:
     """Whether a probe record measured a test loss: ``status`` "ok" (a record without one counts as ok)."""
     return record.get("status", "ok") == "ok"
@@ -152,6 +155,11 @@ class ProbeStore:
 
     @staticmethod
     def _open(uri: str) -> tuple[pafs.FileSystem, str]:
+        query = uri.partition("?")[2] if "://" in uri else ""
+        keys = [k for k in CREDENTIAL_KEYS if re.search(rf"(^|&){k}=", query)]
+        if keys:  # the URI is written to config.yaml and printed: credentials come from the environment
+            raise LensrayInputError(f"storage.path: credentials in the URI ({', '.join(keys)}) are refused; set "
+                                    "them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
         try:
             if "://" in uri:
                 fs, root = pafs.FileSystem.from_uri(uri)
@@ -163,6 +171,15 @@ class ProbeStore:
     def path(self, name: str) -> str:
         """Full filesystem path of ``name`` (relative, inside the store)."""
         return f"{self.root}/{_check_name(name)}"
+
+    def uri_of(self, name: str) -> str:
+        """URI of ``name`` that ``pyarrow.fs.FileSystem.from_uri`` opens as this store does: the
+        name goes before the URI's query (``s3://b/run?endpoint_override=...`` ->
+        ``s3://b/run/tune?endpoint_override=...``); a local store gives its path."""
+        if "://" not in self.uri:
+            return self.path(name)
+        base, sep, query = self.uri.partition("?")
+        return f"{base.rstrip('/')}/{_check_name(name)}{sep}{query}"
 
     def check_writable(self) -> None:
         """Create the root, write, read back and delete a sentinel file; a local disk must have free space."""

@@ -146,7 +146,8 @@ def probe_loop(loop_config: dict) -> None:
             # (Ray Train restarts it, at the smaller settings stored here)
             record_collective_oom(store, cid, exc, configured, hint)
             raise
-        record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time()}
+        record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time(),
+                  "node_id": ray.get_runtime_context().get_node_id()}
         if hint is not None and hint.get("n_samples") == d:  # the attempts before the restart
             record["attempt_log"] = hint["attempt_log"] + record["attempt_log"]
             record["attempts"] = len(record["attempt_log"])

@@ -15,6 +15,7 @@ from lensray.redact import SECRET_NAME
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 RAY_UP = ["aws-gpu.yaml", "gcp-gpu.yaml"]
+FAKE = "fake-multinode.yaml"  # aws-gpu.yaml's node types on Ray's fake multi-node provider (tests)
 KUBE = ["kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-networkpolicy.yaml"]
 RAY_PORTS = {6379, 8265, 10001}
 OPEN = {"0.0.0.0/0", "::/0"}
@@ -42,16 +43,17 @@ def _ray_cluster_specs() -> list[tuple[str, dict]]:
 
 def test_every_file_parses():
     names = sorted(p.name for p in CLUSTER.glob("*.yaml"))
-    assert names == sorted(RAY_UP + KUBE)
+    assert names == sorted(RAY_UP + KUBE + [FAKE])
     for name in names:
         assert all(isinstance(doc, dict) for doc in yaml.safe_load_all((CLUSTER / name).read_text()))
     assert (CLUSTER / "README.md").is_file()
 
 
-@pytest.mark.parametrize("name", RAY_UP)
+@pytest.mark.parametrize("name", RAY_UP + [FAKE])
 def test_ray_up_config_is_valid_for_ray(name):
     util = pytest.importorskip("ray.autoscaler._private.util", reason="Ray's cluster-config validator")
-    config = util.prepare_config(_load(name))
+    # the fake provider ships no defaults file to fill in from: its config is validated as written
+    config = _load(name) if name == FAKE else util.prepare_config(_load(name))
     util.validate_config(config)
 
 
@@ -176,3 +178,18 @@ def test_no_credentials_in_any_cluster_or_job_file():
         text = path.read_text()
         for pattern in patterns:
             assert not re.search(pattern, text), f"{path.name} matches {pattern}"
+
+
+def test_fake_multinode_config_mirrors_the_aws_node_types():
+    fake, aws = _load(FAKE), _load("aws-gpu.yaml")
+    assert fake["provider"]["type"] == "fake_multinode"
+    head = fake["available_node_types"][fake["head_node_type"]]
+    assert head["resources"] == aws["available_node_types"][aws["head_node_type"]]["resources"] == {"CPU": 0}
+    workers = {k: v for k, v in fake["available_node_types"].items() if k != fake["head_node_type"]}
+    aws_workers = {k: v for k, v in aws["available_node_types"].items() if k != aws["head_node_type"]}
+    assert workers.keys() == aws_workers.keys()
+    for name, node in workers.items():
+        assert node["min_workers"] == aws_workers[name]["min_workers"] == 0
+        assert 1 <= node["max_workers"] <= aws_workers[name]["max_workers"]
+        assert set(node["resources"]) == {"CPU"} and "GPU" in aws_workers[name]["resources"]
+    assert fake["max_workers"] <= aws["max_workers"]

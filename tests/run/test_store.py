@@ -267,3 +267,16 @@ def test_ok_records_and_the_size_fallback():
     assert candidate_size("a", 3.0e8, records) == 3.0e8  # the config's (or the table's) size first
     assert candidate_size("a", None, records) == 1.2e8  # else what its probes counted
     assert candidate_size("c", None, records) is None
+
+
+def test_uri_of_keeps_the_query_after_the_name(tmp_path):
+    store = ProbeStore("mock://bucket/run?region=us-east-1", check=False)
+    assert store.uri_of("tune") == "mock://bucket/run/tune?region=us-east-1"
+    assert ProbeStore("mock://bucket/run/", check=False).uri_of("train") == "mock://bucket/run/train"
+    assert ProbeStore(str(tmp_path)).uri_of("tune") == f"{tmp_path}/tune"
+
+
+@pytest.mark.parametrize("key", ["secret_key", "access_key", "session_token"])
+def test_credentials_in_the_uri_are_refused(key):
+    with pytest.raises(LensrayInputError, match=f"storage.path: credentials in the URI \\({key}\\)"):
+        ProbeStore(f"s3://bucket/run?endpoint_override=127.0.0.1:9&{key}=abcdef", check=False)
