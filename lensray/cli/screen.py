@@ -6,13 +6,16 @@ Two forms::
     lensray screen --replay CURVES.csv --max-samples N --target-samples N [--out DIR] [--resume]
     lensray screen ... --plan     # what it would probe and its worst-case compute; no Ray, nothing written
 
-Exit code 0 when a candidate was selected (a warning line names failed candidates), 1 when every
-candidate failed, 2 for bad input (raised as LensrayInputError, printed by ``lensray.cli.main``).
+Exit codes: 0 when a candidate was selected (a warning line names each failed candidate), 2 for bad
+input (raised as LensrayInputError, printed by ``lensray.cli.main``; nothing is screened), 3 when
+every candidate failed (:data:`ALL_FAILED`: the outputs are written all the same, with each
+reason). 1 is left to crashes (a Python traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from typing import Any
 from lensray.errors import LensrayInputError
 
 DEFAULT_REPLAY_OUT = "runs/replay"
+ALL_FAILED = 3
+"""Exit code of a run in which every candidate failed."""
 
 
 def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -98,8 +103,9 @@ def cli_main(args: argparse.Namespace) -> int:
         overrides = {"storage.path": args.out, "ray.address": args.address,
                      "grid.max_samples": args.max_samples, "target_samples": args.target_samples}
         config, curves, backend = load_config(args.config, overrides), None, "train"
-        check_file_task(config)
+        check_task(config)
 
+    check_job_output(config.storage.path)
     if args.plan:
         from lensray.run.ranking import plan_bill
 
@@ -108,7 +114,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from lensray.run.screen import screen
 
     selection = screen(config, resume=args.resume, backend=backend, replay=curves)
-    return summarise(selection, config.storage.path)
+    return summarise(selection, selection.get("output") or config.storage.path)
 
 
 def print_plan(plan: dict, stream: Any = None) -> int:
@@ -136,23 +142,51 @@ def print_plan(plan: dict, stream: Any = None) -> int:
     return 0
 
 
-def check_file_task(config: Any) -> None:
-    """Before any Ray work: a local-file task must load and its train split hold ``grid.max_samples`` rows.
+def check_task(config: Any) -> None:
+    """Before any Ray work: the task must be had, and its train split hold ``grid.max_samples`` rows.
 
-    (``load_config`` sizes the synthetic task itself; hub tasks are left to the workers.)
+    A local-file task, or a hub dataset while the hub is offline, is loaded here (from the files,
+    or the local cache); an online hub dataset must exist on the hub
+    (:func:`lensray.engine.data.check_hub_dataset`). Errors name ``task.source``, exit 2.
+    (``load_config`` sizes the synthetic task itself.)
     """
+    from lensray.engine.data import _local_files, check_hub_dataset, load_task
+    from lensray.engine.models import hub_offline
     from lensray.run.config import check_train_size
-    from lensray.engine.data import _local_files, load_task
 
-    if config.task.source != "synthetic" and _local_files(config.task.source) is not None:
-        import datasets
+    if config.task.source == "synthetic":
+        return
+    import datasets
 
-        datasets.disable_progress_bars()  # an error stays one line; the driver prints its own progress
+    datasets.disable_progress_bars()  # an error stays one line; the driver prints its own progress
+    if _local_files(config.task.source) is not None or hub_offline():
         check_train_size(config, len(load_task(config.task).train))
+    else:
+        check_hub_dataset(config.task)
+
+
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the environment of every ``ray job submit`` entrypoint."""
+
+
+def check_job_output(path: str) -> None:
+    """Inside a Ray job a relative output path is refused (LensrayInputError, exit 2).
+
+    The job runs in a temporary copy of the submitter's working dir on the head node, which Ray
+    deletes with the session, and the submitter's own working dir cannot be known from the job
+    (it may be another machine), so a relative path cannot be resolved to where the user meant.
+    """
+    if "://" in path or os.path.isabs(os.path.expanduser(path)) or JOB_ENV not in os.environ:
+        return
+    raise LensrayInputError(
+        f"storage.path: {path!r} is relative, and inside a Ray job it would land in the job's temporary "
+        "copy of the working dir (deleted with the session); give --out an absolute path on storage every "
+        "node shares, or a URI such as s3://bucket/runs/name")
 
 
 def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
-    """Print the selection (secret env values redacted); returns the exit code (1 when every candidate failed)."""
+    """Print the selection (secret env values redacted); returns the exit code (:data:`ALL_FAILED` when
+    every candidate failed)."""
     ranking = selection["ranking"]
     failed = [e for e in ranking if e["status"] == "failed"]
     for e in failed:
@@ -165,10 +199,13 @@ def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
         _say(f"{rank:4d}  {e['status']:8s}  {loss:>8s}  {e['candidate']}", file=stream)
     _say(f"compute: {bill['flops_spent']:.3g} FLOPs spent, {bill['flops_full_tuning']:.3g} for full tuning"
          + (f" (saved {100 * saved:.2f}%)" if saved is not None else "")
-         + f", wall {bill['wall_seconds']:.1f} s; outputs in {out}", file=stream)
+         + f", wall {bill['wall_seconds']:.1f} s"
+         + (f" (+ {sum(bill['resume_wall_seconds']):.1f} s resumed)" if bill.get("resume_wall_seconds") else "")
+         + f"; outputs in {out}", file=stream)
     if len(failed) == len(ranking):
-        _say("error: every candidate failed", file=sys.stderr)
-        return 1
+        _say(f"error: every candidate failed ({len(failed)} of {len(ranking)}; reasons above and in report.md); "
+             f"outputs in {out}", file=sys.stderr)
+        return ALL_FAILED
     return 0
 
 
