@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, Forecaster, Stop, zoo_forecaster
 from lensray.errors import LensrayInputError, one_line
-from lensray.run.callbacks import progress_callback, quiet_tune, reaper_callback
+from lensray.run.callbacks import progress_callback, quiet_tune, reaper_callback, remove_orphan_placement_groups
 from lensray.run.config import ScreenConfig
 from lensray.run.ranking import candidate_info, full_tuning, rank
 from lensray.run.scheduler import TIME_ATTR, CurvePruner
@@ -280,6 +280,8 @@ def _run_trials(config: ScreenConfig, store: ProbeStore, plans: list[CandidatePl
     )
     with quiet_tune(tune_loggers):
         results = tuner.fit()
+    if backend == "train":
+        remove_orphan_placement_groups()  # groups of trials stopped after the reaper's last look
     for res in results:
         cid = (res.config or {}).get("candidate")
         if res.error is not None and cid and (read_decision(store, cid) or {}).get("status") in (None, "retried"):
