@@ -9,8 +9,10 @@ Two forms::
 ``--set`` and the shortcut flags (``--out`` is ``--set storage.path=...``, see ``lensray.cli.main``)
 become config overrides (:func:`lensray.run.config.load_config`).
 
-Exit code 0 when a candidate was selected (a warning line names failed candidates), 1 when every
-candidate failed, 2 for bad input (raised as LensrayInputError, printed by ``lensray.cli.main``).
+Exit codes: 0 when a candidate was selected (a warning line names each failed candidate), 2 for bad
+input (raised as LensrayInputError, printed by ``lensray.cli.main``; nothing is screened), 3 when
+every candidate failed (:data:`ALL_FAILED`: the outputs are written all the same, with each
+reason). 1 is left to crashes (a Python traceback).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+
+ALL_FAILED = 3
+"""Exit code of a run in which every candidate failed."""
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -36,7 +41,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from lensray.run.screen import screen
 
     selection = screen(config, resume=args.resume, backend="train" if curves is None else "replay", replay=curves)
-    return summarise(selection, config.storage.path)
+    return summarise(selection, selection.get("output") or config.storage.path)
 
 
 def print_plan(plan: dict, stream: Any = None) -> int:
@@ -69,7 +74,8 @@ def print_plan(plan: dict, stream: Any = None) -> int:
 
 
 def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
-    """Print the selection (secret env values redacted); returns the exit code (1 when every candidate failed)."""
+    """Print the selection (secret env values redacted); returns the exit code (:data:`ALL_FAILED` when
+    every candidate failed)."""
     ranking = selection["ranking"]
     failed = [e for e in ranking if e["status"] == "failed"]
     for e in failed:
@@ -82,10 +88,13 @@ def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
         _say(f"{rank:4d}  {e['status']:8s}  {loss:>8s}  {e['candidate']}", file=stream)
     _say(f"compute: {bill['flops_spent']:.3g} FLOPs spent, {bill['flops_full_tuning']:.3g} for full tuning"
          + (f" (saved {100 * saved:.2f}%)" if saved is not None else "")
-         + f", wall {bill['wall_seconds']:.1f} s; outputs in {out}", file=stream)
+         + f", wall {bill['wall_seconds']:.1f} s"
+         + (f" (+ {sum(bill['resume_wall_seconds']):.1f} s resumed)" if bill.get("resume_wall_seconds") else "")
+         + f"; outputs in {out}", file=stream)
     if len(failed) == len(ranking):
-        _say("error: every candidate failed", file=sys.stderr)
-        return 1
+        _say(f"error: every candidate failed ({len(failed)} of {len(ranking)}; reasons above and in report.md); "
+             f"outputs in {out}", file=sys.stderr)
+        return ALL_FAILED
     return 0
 
 

@@ -209,6 +209,22 @@ def _hub_mode() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
+def check_hub_dataset(task: TaskConfig) -> None:
+    """Raise LensrayInputError naming ``task.source`` when the hub says the dataset does not exist or
+    cannot be read with the token at hand. Any other answer (a network hiccup, a server error)
+    passes: the workers' load reports it."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().dataset_info(task.source, timeout=10)
+    except RepositoryNotFoundError as exc:
+        raise LensrayInputError(f"task.source {task.source!r} could not be loaded: not found on the dataset hub "
+                                f"(or gated / private for this token): {one_line(exc, 200)}") from None
+    except Exception:  # noqa: BLE001 - only a definite answer refuses the run
+        return
+
+
 def load_rows(task: TaskConfig) -> list[dict[str, Any]]:
     """Raw rows of the task as dicts (synthetic, local files or a hub dataset)."""
     if task.source == SYNTHETIC:

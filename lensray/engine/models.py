@@ -304,6 +304,43 @@ def resolve_model_dir(model_id: str, allow_pickle: bool = False, trust_remote_co
     return _hub_folder(model_id, allow_pickle, trust_remote_code)
 
 
+def source_problem(model_id: str, trust_remote_code: bool = False, allow_pickle: bool = False,
+                   offline: Optional[bool] = None) -> Optional[str]:
+    """Why candidate ``model_id`` cannot be loaded, found without reading weights; None when it may load.
+
+    A tiny id must parse; a local folder must exist and hold a config, safetensors weights (a
+    pickle checkpoint only with ``allow_pickle``) and no repository code unless trusted; a hub id
+    must be valid and, when the hub is offline (``offline``; default :func:`hub_offline`), have
+    its config and weights in the local Hugging Face cache. An online hub id is left to the
+    loader (the hub answers there). The reason reads like the loader's own.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if model_id.startswith("tiny:"):
+            family, opts = parse_tiny_id(model_id)
+            _tiny_config(family, {k: v for k, v in opts.items() if k not in ("seed", "pretrain")}, char_tokenizer(),
+                         model_id)
+            return None
+        path = Path(os.path.expanduser(model_id))
+        if path.exists() or model_id.startswith((".", "/", "~")):
+            folder = resolve_model_dir(model_id, allow_pickle, trust_remote_code)
+        elif not _HUB_ID.match(model_id):
+            raise LensrayInputError(f"model {model_id!r} is neither a local folder nor a valid hub id")
+        elif not (hub_offline() if offline is None else offline):
+            return None
+        else:
+            config = try_to_load_from_cache(model_id, "config.json")
+            if not isinstance(config, str):
+                raise LensrayInputError(f"model {model_id!r} is not in the local Hugging Face cache and the hub is "
+                                        "unreachable or HF_HUB_OFFLINE is set")
+            folder = Path(config).parent
+        _check_folder(folder, model_id, allow_pickle, trust_remote_code)
+    except LensrayInputError as exc:
+        return f"could not load {model_id}: {one_line(exc)}"
+    return None
+
+
 def check_weights(folder: Path, model_id: str, allow_pickle: bool) -> bool:
     """Whether to load safetensors (True) or, with ``allow_pickle``, a pickle checkpoint (False)."""
     if not (folder / "config.json").is_file():
@@ -318,6 +355,17 @@ def check_weights(folder: Path, model_id: str, allow_pickle: bool) -> bool:
             )
         return False
     raise LensrayInputError(f"model {model_id!r}: no weights (model.safetensors) in {folder}")
+
+
+def _check_folder(folder: Path, model_id: str, allow_pickle: bool, trust_remote_code: bool) -> bool:
+    """:func:`check_weights`, and a refusal of repository code unless ``trust_remote_code``."""
+    safetensors = check_weights(folder, model_id, allow_pickle)
+    if not trust_remote_code and _needs_remote_code(folder):
+        raise LensrayInputError(
+            f"model {model_id!r} needs code from its repository (auto_map); refused (set "
+            "trust_remote_code: true for this candidate to run it)"
+        )
+    return safetensors
 
 
 def _needs_remote_code(folder: Path) -> bool:
@@ -365,12 +413,7 @@ def load_candidate(model_id_or_path: str, trust_remote_code: bool = False,
     if trust_remote_code:
         log.warning("candidate %s: trust_remote_code is set; code from its repository will run", model_id_or_path)
     folder = resolve_model_dir(model_id_or_path, allow_pickle, trust_remote_code)
-    safetensors = check_weights(folder, model_id_or_path, allow_pickle)
-    if not trust_remote_code and _needs_remote_code(folder):
-        raise LensrayInputError(
-            f"model {model_id_or_path!r} needs code from its repository (auto_map); refused (set "
-            "trust_remote_code: true for this candidate to run it)"
-        )
+    safetensors = _check_folder(folder, model_id_or_path, allow_pickle, trust_remote_code)
     try:
         config = transformers.AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as exc:

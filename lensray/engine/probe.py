@@ -12,7 +12,8 @@ Faults are reported in the probe's result, not raised:
   accumulation (the same effective batch, hence the same result), down to micro-batch 1; then
   status ``"failed"``.
 Tests inject faults with ``FaultInjector`` (or env ``LENSRAY_FAULTS="oom_above=2,nan_at_step=3,
-nan_above_lr=1e-3"``, optionally ``ranks=1+3``).
+nan_above_lr=1e-3"``, optionally ``ranks=1+3``, or for one candidate only ``model=<its model id>``;
+specs for several candidates are joined with ``;``).
 
 Several workers (an initialised ``torch.distributed`` group): strategy ``"ddp"`` replicates the
 model, ``"fsdp"`` shards parameters, gradients and AdamW state with FSDP2 (one unit per
@@ -168,7 +169,9 @@ class FaultInjector:
     learning rate exceeds ``nan_above_lr`` (all attempts when it is None). ``ranks`` limits
     both faults to those ranks of the torch.distributed group (None: every rank; a single
     process is rank 0). In ``LENSRAY_FAULTS`` several ranks are joined with ``+``
-    (``"oom_above=4,ranks=1+3"``).
+    (``"oom_above=4,ranks=1+3"``). ``model`` limits a spec to the runner of that model id (the
+    id must hold no ``,`` or ``;``); ``LENSRAY_FAULTS`` may hold several specs joined by ``;``,
+    and a runner takes the first that applies to its model.
     """
 
     oom_above: int | None = None
@@ -176,20 +179,31 @@ class FaultInjector:
     nan_at_step: int | None = None
     nan_above_lr: float | None = None
     ranks: tuple[int, ...] | None = None
+    model: str | None = None
 
     @classmethod
-    def from_env(cls) -> "FaultInjector | None":
-        spec = os.environ.get("LENSRAY_FAULTS", "").strip()
-        if not spec:
-            return None
+    def from_env(cls, model: str | None = None) -> "FaultInjector | None":
+        """The spec of ``LENSRAY_FAULTS`` that applies to ``model`` (None: the first spec)."""
+        for spec in os.environ.get("LENSRAY_FAULTS", "").split(";"):
+            if not spec.strip():
+                continue
+            faults = cls._parse(spec)
+            if model is None or faults.model is None or faults.model == model:
+                return faults
+        return None
+
+    @classmethod
+    def _parse(cls, spec: str) -> "FaultInjector":
         kw: dict[str, Any] = {}
         for item in spec.split(","):
             key, _, value = item.partition("=")
             key = key.strip()
-            if key not in ("oom_above", "collective_oom_above", "nan_at_step", "nan_above_lr", "ranks"):
+            if key not in ("oom_above", "collective_oom_above", "nan_at_step", "nan_above_lr", "ranks", "model"):
                 raise LensrayInputError(f"LENSRAY_FAULTS: unknown fault {key!r}")
             try:
-                if key == "ranks":
+                if key == "model":
+                    kw[key] = value.strip()
+                elif key == "ranks":
                     kw[key] = tuple(int(r) for r in value.split("+"))
                 else:
                     kw[key] = float(value) if key == "nan_above_lr" else int(value)
@@ -336,7 +350,7 @@ class ProbeRunner:
     task_data:
         An already loaded task (shared between runners); loaded from ``task`` when None.
     faults:
-        Fault injection for tests; defaults to ``FaultInjector.from_env()``.
+        Fault injection for tests; defaults to ``FaultInjector.from_env(model)``.
     strategy:
         ``"ddp"`` (replicated parameters) or ``"fsdp"`` (sharded with FSDP2); it matters only
         when a torch.distributed group of several ranks is initialised (see the module docstring).
@@ -355,7 +369,7 @@ class ProbeRunner:
         self.trust_remote_code = trust_remote_code
         self.allow_pickle = allow_pickle
         self.data = task_data
-        self.faults = faults if faults is not None else FaultInjector.from_env()
+        self.faults = faults if faults is not None else FaultInjector.from_env(model)
         self._model: Any = None
         self._ntk_cache: dict[int, Any] = {}
         self._eval_batch = self.probe.eval_batch  # shrinks with the micro-batch after an out-of-memory error

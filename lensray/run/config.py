@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import logging
+import os
 import re
 import typing
 from pathlib import Path
@@ -401,14 +402,17 @@ def run_inputs(
 ) -> tuple[ScreenConfig, Any]:
     """The validated config of a run and, with ``replay`` (a curves CSV), its curves (else None).
 
-    Everything is checked here, before any Ray work: the config (:func:`load_config`), a local
-    task file's size, and a replay table (:func:`replay_config`).
+    Everything is checked here, before any Ray work: the config (:func:`load_config`), the task
+    (:func:`check_task`), a replay table (:func:`replay_config`) and, inside a Ray job, that the
+    output is not a relative path (:func:`check_job_output`).
     """
     if replay is not None:
-        return replay_config(replay, source, overrides, warn)
-    config = load_config(source, overrides)
-    check_file_task(config)
-    return config, None
+        config, curves = replay_config(replay, source, overrides, warn)
+    else:
+        config, curves = load_config(source, overrides), None
+        check_task(config)
+    check_job_output(config.storage.path)
+    return config, curves
 
 
 def replay_config(
@@ -471,15 +475,42 @@ def _warn_incomplete(seen: Any, path: str, sized: set[str], warn: typing.Callabl
              "and the saved fraction covers the others")
 
 
-def check_file_task(config: ScreenConfig) -> None:
-    """A local-file task must load and its train split hold ``grid.max_samples`` rows.
+def check_task(config: ScreenConfig) -> None:
+    """Before any Ray work: the task must be had, and its train split hold ``grid.max_samples`` rows.
 
-    (:func:`load_config` sizes the synthetic task itself; hub tasks are left to the workers.)
+    A local-file task, or a hub dataset while the hub is offline, is loaded here (from the files,
+    or the local cache); an online hub dataset must exist on the hub
+    (:func:`lensray.engine.data.check_hub_dataset`). Errors name ``task.source``, exit 2.
+    (:func:`load_config` sizes the synthetic task itself.)
     """
-    from lensray.engine.data import _local_files
+    from lensray.engine.data import _local_files, check_hub_dataset
+    from lensray.engine.models import hub_offline
 
-    if config.task.source != SYNTHETIC and _local_files(config.task.source) is not None:
-        import datasets
+    if config.task.source == SYNTHETIC:
+        return
+    import datasets
 
-        datasets.disable_progress_bars()  # an error stays one line; the driver prints its own progress
+    datasets.disable_progress_bars()  # an error stays one line; the driver prints its own progress
+    if _local_files(config.task.source) is not None or hub_offline():
         check_train_size(config, len(load_task(config.task).train))
+    else:
+        check_hub_dataset(config.task)
+
+
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the environment of every ``ray job submit`` entrypoint."""
+
+
+def check_job_output(path: str) -> None:
+    """Inside a Ray job a relative output path is refused (LensrayInputError, exit 2).
+
+    The job runs in a temporary copy of the submitter's working dir on the head node, which Ray
+    deletes with the session, and the submitter's own working dir cannot be known from the job
+    (it may be another machine), so a relative path cannot be resolved to where the user meant.
+    """
+    if "://" in path or os.path.isabs(os.path.expanduser(path)) or JOB_ENV not in os.environ:
+        return
+    raise LensrayInputError(
+        f"storage.path: {path!r} is relative, and inside a Ray job it would land in the job's temporary "
+        "copy of the working dir (deleted with the session); give --out an absolute path on storage every "
+        "node shares, or a URI such as s3://bucket/runs/name")

@@ -9,7 +9,9 @@ optionally, the fitted curve of each candidate; this module only renders them, t
     {"selected": id | null,
      "ranking": [{"candidate", "status": "finished|pruned|failed", "predicted_loss", "interval": [lo, hi],
                   "pruned_at", "params", "flops", "error", ...}],        # optional "reason" for pruned rows
-     "compute": {"flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds"}}
+     "compute": {"flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds",
+                 "resume_wall_seconds"?},     # the first finished run's wall time; each later --resume's own
+     "output": absolute URI of the outputs}
 """
 
 from __future__ import annotations
@@ -177,7 +179,12 @@ def render_markdown(
               f"| FLOPs of full fine-tuning of every candidate on D* | {_flops(compute.get('flops_full_tuning'))} |",
               f"| saved | {'–' if saved is None else f'{100 * float(saved):.2f} %'} |",
               f"| GPU time | {_seconds(compute.get('gpu_seconds'))} |",
-              f"| wall time | {_seconds(compute.get('wall_seconds'))} |", ""]
+              f"| wall time | {_seconds(compute.get('wall_seconds'))} |"]
+    resumes = compute.get("resume_wall_seconds") or []
+    if resumes:
+        each = ", ".join(_seconds(t) for t in resumes)
+        lines.append(f"| wall time of {len(resumes)} later --resume run(s) | {_seconds(sum(resumes))} ({each}) |")
+    lines.append("")
     if compute.get("uncharged"):
         names = ", ".join(f"`{_cell(c)}`" for c in compute["uncharged"])
         lines += [f"Not in the bill (no parameter count known): {names}. Their probes are charged nothing and "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional
 
@@ -11,6 +12,8 @@ from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
 if TYPE_CHECKING:
     from ray.tune.execution.tune_controller import TuneController
+
+log = logging.getLogger(__name__)
 
 TIME_ATTR = "n_samples"
 """Tune's time attribute: the size of the candidate's latest probe."""
@@ -49,6 +52,11 @@ class CurvePruner(FIFOScheduler):
     (predictors that share strength across candidates, and calibrate their intervals on the
     zoo, need that context; one trial only sees its own curve). Without one it uses the
     forecasts the trials report.
+
+    No single report ends the run: a forecaster that raises is logged and its previous
+    forecasts kept (no candidate is stopped on that report), a failed candidate's report drops
+    it from the rivals, and a report that arrives after its trial was stopped (in flight while
+    the stop travelled) is answered STOP again without a second stop record.
 
     Parameters
     ----------
@@ -110,11 +118,18 @@ class CurvePruner(FIFOScheduler):
         points = sum(1 for d in self._observed.get(candidate, {}) if d > 0)
         if self._forecaster is None or points < self._grace:
             return self._latest.get(candidate)
-        self._latest.update(self._forecaster(self._observed))
+        try:
+            self._latest.update(self._forecaster(self._observed))
+        except Exception as exc:  # noqa: BLE001 - a forecast that cannot be made stops no one
+            log.warning("forecast after %s's report failed (%s: %s); nothing is stopped on it",
+                        candidate, type(exc).__name__, " ".join(str(exc).split())[:200])
+            return None
         return self._latest.get(candidate)
 
     def on_trial_result(self, tune_controller: "TuneController", trial: Trial, result: dict) -> str:
         cid = str(result.get("candidate"))
+        if cid in self.stopped:
+            return TrialScheduler.STOP  # in flight while the stop travelled: already recorded
         if result.get("failed"):
             # a failed candidate is no rival: its forecast must not stop the others
             self._latest.pop(cid, None)

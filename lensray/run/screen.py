@@ -15,13 +15,15 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, Forecaster, Stop, zoo_forecaster
 from lensray.errors import LensrayInputError, one_line
 from lensray.run.callbacks import (
-    ForecastMetrics, PlacementGroupReaper, Progress, quiet_tune, tracking_callbacks, withheld_credentials,
+    ForecastMetrics, PlacementGroupReaper, Progress, quiet_tune, remove_orphan_placement_groups, tracking_callbacks,
+    withheld_credentials,
 )
 from lensray.run.config import ScreenConfig
 from lensray.run.ranking import candidate_info, full_tuning, rank
@@ -126,7 +128,10 @@ def screen(
     store = ProbeStore(out or config.storage.path)
     if not resume and store.get_all():
         raise LensrayInputError(f"storage.path: {store.uri} already holds probe results; pass --resume or use another --out")
+    unavailable = unavailable_sources(config) if backend == "train" else {}
     store.write_text("config.yaml", config.to_yaml())
+    for cid, reason in unavailable.items():  # failed before Ray starts; retried by a later --resume
+        write_decision(store, cid, "failed", None, reason)
     grid = probe_grid(config, replay)
     started = _init_ray(config, store)
     try:
@@ -138,7 +143,7 @@ def screen(
         plans = make_plan(config, store, grid, gaps)
         stages = scout_stages(config, grid, sum(p.needs_trial for p in plans),
                               max_concurrent(config, backend, ray.cluster_resources()))
-        failed: set[str] = set()
+        failed: set[str] = set(unavailable)
         for k, upto in enumerate(stages):
             if k:  # the store has moved on
                 plans = make_plan(config, store, grid, gaps)
@@ -151,6 +156,25 @@ def screen(
 
             ray.shutdown()
     return finish(config, store, grid, backend, replay, time.perf_counter() - t0)
+
+
+def unavailable_sources(config: ScreenConfig) -> dict[str, str]:
+    """Candidates whose source cannot be had, with the reason (:func:`lensray.engine.models.source_problem`),
+    checked in the driver before Ray starts: each is ``failed`` and runs no trial. When no
+    candidate can be had, LensrayInputError (exit 2) naming the first: there is nothing to screen."""
+    from lensray.engine.models import hub_offline, source_problem
+
+    hub = [c for c in config.zoo if not c.source.startswith("tiny:") and not Path(c.source).expanduser().exists()]
+    offline = hub_offline() if hub else False  # once: an unreachable hub costs a connect timeout
+    out = {c.id: reason for c in config.zoo
+           if (reason := source_problem(c.source, c.trust_remote_code, c.allow_pickle, offline)) is not None}
+    for cid, reason in out.items():
+        log.warning("candidate %s fails before Ray starts: %s", cid, reason)
+    if config.zoo and len(out) == len(config.zoo):
+        first = config.zoo[0]
+        more = f" (and the {len(out) - 1} other candidate(s))" if len(out) > 1 else ""
+        raise LensrayInputError(f"zoo[0].model: {out[first.id]}{more}; no candidate can be loaded")
+    return out
 
 
 def scout_stages(config: ScreenConfig, grid: list[int], candidates: Optional[int] = None,
@@ -286,6 +310,8 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
     )
     with quiet_tune(run.tune_loggers), withheld_credentials():
         results = tuner.fit()
+    if backend == "train":
+        remove_orphan_placement_groups()  # groups of trials stopped after the reaper's last look
     for res in results:
         cid = (res.config or {}).get("candidate")
         if res.error is not None and cid and (read_decision(store, cid) or {}).get("status") in (None, "retried"):
@@ -299,11 +325,34 @@ def _trial_dirname(trial: Any) -> str:
 
 def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],
            wall_seconds: float) -> dict[str, Any]:
-    """Rank the candidates (:func:`~lensray.run.ranking.rank`) and write the outputs."""
+    """Rank the candidates (:func:`~lensray.run.ranking.rank`) and write the outputs.
+
+    ``compute.wall_seconds`` is the wall time of the first run that finished in ``store``; a
+    ``--resume`` of a finished run keeps it and appends its own to ``compute.resume_wall_seconds``
+    (a run killed before it finished leaves no time behind: its resume starts the count).
+    ``output`` is the store's absolute URI.
+    """
     from lensray.run.report import predictor_curves, write_report
 
+    earlier = _finished_compute(store)
     selection, selector, curves, records = rank(config, store, grid, backend, replay, wall_seconds)
+    if earlier is not None and earlier.get("wall_seconds") is not None:
+        selection["compute"]["wall_seconds"] = float(earlier["wall_seconds"])
+        selection["compute"]["resume_wall_seconds"] = [*earlier.get("resume_wall_seconds", []), wall_seconds]
+    selection["output"] = store.uri
     store.write_parquet(records)
     fitted = predictor_curves(selector, curves, config.target_samples)  # the plot shows the ranking's own fits
     write_report(store, selection, records, config.target_samples, fitted=fitted)
     return selection
+
+
+def _finished_compute(store: ProbeStore) -> Optional[dict]:
+    """The ``compute`` of the ``selection.json`` an earlier finished run left in ``store``, if readable."""
+    import json
+
+    text = store.read_text("selection.json")
+    try:
+        compute = json.loads(text)["compute"] if text else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return compute if isinstance(compute, dict) else None

@@ -78,6 +78,14 @@ def _report_record(cid: str, record: dict) -> dict[str, Any]:
     }
 
 
+def _record_failure(store: ProbeStore, cid: str, n_samples: Optional[int], reason: str) -> None:
+    """Store ``cid``'s ``failed`` decision, unless the scheduler pruned it first: a probe that fails
+    after the stop (it started while the stop travelled) does not undo the stop, and the curve
+    up to the stop is still ranked."""
+    if (read_decision(store, cid) or {}).get("status") != "pruned":
+        write_decision(store, cid, "failed", n_samples, reason)
+
+
 def replay_trainable(config: dict, ctx: TrialContext) -> None:
     """Tune trainable of the replay backend: probes read the recorded curve."""
     from ray import tune
@@ -106,7 +114,7 @@ def probe_loop(loop_config: dict) -> None:
     """Ray Train worker loop: load the candidate once, run its remaining probes, report each."""
     import ray.train
 
-    from lensray.engine.data import TaskConfig
+    from lensray.engine.data import TaskConfig, load_task
     from lensray.engine.parallel import agreed
     from lensray.engine.probe import CollectiveOutOfMemory, ProbeConfig, ProbeRunner
 
@@ -121,17 +129,21 @@ def probe_loop(loop_config: dict) -> None:
     configured = dict(ctx.probe or {})
     settings, hint = memory_settings(store, cid, configured)  # smaller after an out-of-memory restart
     if hint is not None and hint.get("settings") is None:  # out of memory even at micro-batch 1
+        if rank == 0:
+            _record_failure(store, cid, hint["n_samples"], hint["reason"])
         ray.train.report({"candidate": cid, "failed": True, "error": hint["reason"], TIME_ATTR: hint["n_samples"]})
         return
     runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**settings),
                          trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"],
                          strategy=cand["strategy"])
     try:
+        runner.data = load_task(runner.task)  # first, so that a task error is not blamed on the model
         runner.load()
     except Exception as exc:  # noqa: BLE001 - any load failure makes the candidate failed, not the run
-        reason = f"could not load {cand['model']}: {' '.join(str(exc).split()) or type(exc).__name__}"
+        what = cand["model"] if runner.data is not None else "the task on this worker"
+        reason = f"could not load {what}: {' '.join(str(exc).split()) or type(exc).__name__}"
         if rank == 0:
-            write_decision(store, cid, "failed", None, reason)
+            _record_failure(store, cid, None, reason)
         ray.train.report({"candidate": cid, "failed": True, "error": reason})
         return
     for d in ctx.grid:
@@ -154,7 +166,7 @@ def probe_loop(loop_config: dict) -> None:
         if result.status != "ok":
             reason = f"probe at D={d} {result.status}: {result.error}"
             if rank == 0:
-                write_decision(store, cid, "failed", d, reason)
+                _record_failure(store, cid, d, reason)
             ray.train.report({"candidate": cid, "failed": True, "error": reason, TIME_ATTR: d})
             return
         if rank == 0:

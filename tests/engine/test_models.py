@@ -169,3 +169,42 @@ def test_parameter_counts_from_configs_match_the_loaded_models(tmp_path, monkeyp
     loaded = [load_candidate(i)[0] for i in ids] + [model]
     assert counts[:3] == [sum(p.numel() for p in m.parameters()) for m in loaded]
     assert counts[3] is None  # an uncached hub id with the hub offline: unknown, not an error
+
+
+def _hub_cache(root, repo: str, files: dict[str, bytes]):
+    """A Hugging Face cache holding one snapshot of ``repo`` with ``files``."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    snap = folder / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+    return snap
+
+
+def test_source_problem_finds_what_cannot_load_without_reading_weights(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from lensray.engine.models import source_problem
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert source_problem("tiny:gpt2:n_layer=1") is None
+    assert "unknown gpt2 config option" in source_problem("tiny:gpt2:n_wings=2")
+    assert source_problem(str(tmp_path / "nope")).startswith(f"could not load {tmp_path / 'nope'}: model path")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"")
+    assert "allow_pickle" in source_problem(str(pickled))
+    assert source_problem(str(pickled), allow_pickle=True) is None
+    # a hub id while offline: only the local cache counts
+    missing = source_problem("nonexistent-org/no-model", offline=True)
+    assert missing == ("could not load nonexistent-org/no-model: model 'nonexistent-org/no-model' is not in the local "
+                       "Hugging Face cache and the hub is unreachable or HF_HUB_OFFLINE is set")
+    _hub_cache(tmp_path / "hub", "org/cached", {"config.json": b"{}", "model.safetensors": b""})
+    assert source_problem("org/cached", offline=True) is None
+    _hub_cache(tmp_path / "hub", "org/config-only", {"config.json": b"{}"})
+    assert "no weights" in source_problem("org/config-only", offline=True)
+    assert source_problem("nonexistent-org/no-model", offline=False) is None  # online: the hub answers the loader
+    assert "valid hub id" in source_problem("not a//valid id", offline=False)

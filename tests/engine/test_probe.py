@@ -143,6 +143,10 @@ def test_learning_rate_schedules(schedule, at_end):
 def test_faults_from_the_environment(monkeypatch):
     monkeypatch.setenv("LENSRAY_FAULTS", "oom_above=2,nan_at_step=3,nan_above_lr=1e-3")
     assert FaultInjector.from_env() == FaultInjector(oom_above=2, nan_at_step=3, nan_above_lr=1e-3)
+    monkeypatch.setenv("LENSRAY_FAULTS", "model=tiny:gpt2:n_layer=1,nan_at_step=1; model=tiny:opt,oom_above=0")
+    assert FaultInjector.from_env("tiny:opt") == FaultInjector(oom_above=0, model="tiny:opt")
+    assert FaultInjector.from_env("tiny:gpt2:n_layer=1").nan_at_step == 1
+    assert FaultInjector.from_env("tiny:llama") is None  # no spec for that model
     monkeypatch.setenv("LENSRAY_FAULTS", "meteor=1")
     with pytest.raises(LensrayInputError, match="meteor"):
         FaultInjector.from_env()

@@ -126,6 +126,29 @@ def test_kuberay_head_is_internal_and_token_protected(name, spec):
         assert "secretKeyRef" in env["RAY_AUTH_TOKEN"]["valueFrom"]
 
 
+def _token_ref(container_env: list[dict]) -> tuple[str, str]:
+    env = {e["name"]: e for e in container_env}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("name, spec", _ray_cluster_specs())
+def test_kuberay_autoscaler_gets_the_ray_token(name, spec):
+    """The autoscaler sidecar calls the GCS: it needs the token the Ray containers use, or a scale-up
+    from zero is refused. KubeRay's authOptions names the Secret; autoscalerOptions.env passes the same
+    token to the sidecar explicitly."""
+    secret = _token_ref(spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"])
+    assert spec["authOptions"] == {"mode": "token", "secretName": secret[0]}
+    assert secret[1] == "auth_token"  # the data key authOptions.secretName requires
+    assert spec["enableInTreeAutoscaling"] is True
+    assert _token_ref(spec["autoscalerOptions"]["env"]) == secret
+    for group in spec["workerGroupSpecs"]:
+        assert _token_ref(group["template"]["spec"]["containers"][0]["env"]) == secret
+    names = [e["name"] for e in spec["autoscalerOptions"]["env"]]
+    assert not [n for n in names if SECRET_NAME.search(n) and n != "RAY_AUTH_TOKEN"]  # only what it needs
+
+
 @pytest.mark.parametrize("name", KUBE)
 def test_kubernetes_manifests_expose_nothing_and_hold_no_secret(name):
     for doc in yaml.safe_load_all((CLUSTER / name).read_text()):

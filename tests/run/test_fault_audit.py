@@ -7,6 +7,7 @@ extrapolations in the plot; report.md explains every stop by its rule."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -325,3 +326,120 @@ def test_candidate_id_carrying_a_secret_is_refused_before_ray(tmp_path, monkeypa
     assert main(["screen", str(cfg), "--out", str(tmp_path / "o")]) == 2
     line = _one_error_line(capsys)
     assert line.startswith("error: zoo[1].id: holds the value of a secret") and SECRET not in line
+
+
+# ---- faults under pruning: the driver's checks before Ray, the pruned-while-probing race ----------
+
+
+class _RankZero:
+    def get_world_rank(self):
+        return 0
+
+    def get_world_size(self):
+        return 1
+
+
+def test_a_probe_failing_after_its_stop_leaves_the_candidate_pruned(tmp_path, monkeypatch):
+    """The race: the scheduler stops a candidate (its decision is stored) while its worker already runs
+    the next probe, which then diverges. The stop stands, the curve up to it is ranked, and the
+    probes stored before the failure are kept."""
+    import ray.train
+
+    from lensray.engine.probe import ProbeResult, ProbeRunner
+    from lensray.run.ranking import candidate_info
+    from lensray.run.store import read_decision
+    from lensray.run.trainables import TrialContext, probe_loop
+
+    config = load_config({"zoo": [{"id": "good", "size": 1e8}, {"id": "late", "model": "tiny:gpt2:n_layer=1", "size": 1e8}],
+                          "grid": {"start": 200, "max_samples": 1600}, "target_samples": TARGET,
+                          "task": {"synthetic_rows": 400, "test_size": 32, "validation_size": 8}}, check_task=False)
+    store = ProbeStore(str(tmp_path / "o"))
+    grid = config.grid_sizes()
+    zoo = synthetic_zoo(2, seed=4)
+    col = {int(d): j for j, d in enumerate(zoo.D)}
+    for d in grid:
+        store.put("good", {"n_samples": d, "status": "ok", "test_loss": float(zoo.L[0, col[d]])})
+
+    def run(self, d, seed=None):
+        if d == grid[-1]:  # the stop after D = 800 arrives while this probe runs
+            write_decision(store, "late", "pruned", 800, "confidently worse than good")
+            return ProbeResult(self.model_id, d, "diverged", None, 1, 1e-3, 0, 0.0, 0.0, 0, 1,
+                               error="loss became nan at step 1 (learning rate 0.0005)")
+        return ProbeResult(self.model_id, d, "ok", float(zoo.L[1, col[d]]), 1, 1e-3, 10, 1.0, 0.0, 0, 1)
+
+    reports = []
+    monkeypatch.setattr(ProbeRunner, "load", lambda self: self)
+    monkeypatch.setattr(ProbeRunner, "run", run)
+    monkeypatch.setattr(ray.train, "get_context", _RankZero, raising=False)
+    monkeypatch.setattr(ray.train, "report", lambda metrics, **kw: reports.append(metrics), raising=False)
+    ctx = TrialContext(store_uri=store.uri, grid=grid, done={}, candidates=candidate_info(config, None),
+                       task=config.task.model_dump(mode="json"), probe=config.probe.model_dump(mode="json"))
+    probe_loop({"ctx": ctx, "candidate": "late"})
+    assert reports[-1]["failed"] and "diverged" in reports[-1]["error"]
+    assert read_decision(store, "late")["status"] == "pruned"
+    assert sorted(store.completed("late")) == grid[:-1]  # nothing lost
+    selection = finish(config, store, grid, "train", None, 1.0)
+    row = {e["candidate"]: e for e in selection["ranking"]}["late"]
+    assert row["status"] == "pruned" and row["pruned_at"] == 800 and row["predicted_loss"] is not None
+
+
+def test_every_candidate_unavailable_exits_2_before_ray(tmp_path, capsys, monkeypatch, no_ray):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _small_config(tmp_path, zoo=[{"id": "gone", "model": str(tmp_path / "gone")},
+                                       {"id": "hub", "model": "nonexistent-org/no-model"}])
+    assert main(["screen", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: zoo[0].model: could not load {tmp_path / 'gone'}: model path")
+    assert line.endswith("(and the 1 other candidate(s)); no candidate can be loaded")
+    assert not any((tmp_path / "out").rglob("*.json"))
+
+
+def test_unreachable_hub_dataset_exits_2_naming_task_source_before_ray(tmp_path, capsys, monkeypatch, no_ray):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    cfg = _small_config(tmp_path, task={"source": "nonexistent-org/no-dataset"})
+    assert main(["screen", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: task.source 'nonexistent-org/no-dataset' could not be loaded: ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_relative_output_inside_a_ray_job_is_refused(tmp_path, capsys, monkeypatch, no_ray):
+    from lensray.cli.screen import JOB_ENV
+
+    csv = str(write_curves_csv(synthetic_zoo(4, seed=2), tmp_path / "zoo.csv"))
+    replay = ["screen", "--replay", csv, "--max-samples", "3200", "--plan"]
+    monkeypatch.chdir(tmp_path)
+    assert main([*replay, "--out", "runs/x"]) == 0  # outside a job a relative path is the user's own
+    capsys.readouterr()
+    monkeypatch.setenv(JOB_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_x.zip"}}))
+    assert main([*replay, "--out", "runs/x"]) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith("error: storage.path: 'runs/x' is relative, and inside a Ray job") and "absolute" in line
+    assert main([*replay]) == 2  # the replay's default output is relative too
+    capsys.readouterr()
+    assert main([*replay, "--out", str(tmp_path / "abs")]) == 0
+
+
+def test_resume_of_a_finished_run_keeps_its_wall_time_and_adds_its_own(tmp_path):
+    zoo = synthetic_zoo(3, seed=6)
+    config = load_config({"zoo": [{"id": c, "size": float(s)} for c, s in zip(zoo.ids, zoo.size)],
+                          "grid": {"start": 200, "max_samples": 3200}, "target_samples": TARGET}, check_task=False)
+    store = ProbeStore(str(tmp_path / "o"))
+    grid = config.grid_sizes()
+    col = {int(d): j for j, d in enumerate(zoo.D)}
+    for i, cid in enumerate(zoo.ids):
+        for d in grid:
+            store.put(cid, {"n_samples": d, "status": "ok", "test_loss": float(zoo.L[i, col[d]])})
+    first = finish(config, store, grid, "replay", None, 116.0)
+    assert first["compute"]["wall_seconds"] == 116.0 and "resume_wall_seconds" not in first["compute"]
+    assert first["output"] == str(tmp_path / "o")
+    finish(config, store, grid, "replay", None, 0.3)
+    third = finish(config, store, grid, "replay", None, 0.5)
+    assert third["compute"]["wall_seconds"] == 116.0 and third["compute"]["resume_wall_seconds"] == [0.3, 0.5]
+    assert json.loads((tmp_path / "o" / "selection.json").read_text())["compute"] == third["compute"]
+    report = (tmp_path / "o" / "report.md").read_text()
+    assert "| wall time | 116.0 s |" in report and "| wall time of 2 later --resume run(s) | 0.8 s (0.3 s, 0.5 s) |" in report
+    printed = io.StringIO()
+    assert summarise(third, third["output"], stream=printed) == 0
+    assert f"wall 116.0 s (+ 0.8 s resumed); outputs in {tmp_path / 'o'}" in printed.getvalue()

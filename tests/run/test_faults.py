@@ -1,6 +1,7 @@
-"""Injected faults: a driver SIGKILLed mid-run and resumed, a candidate that cannot be loaded,
-a Ray Train worker killed mid-run. Each screening runs in a subprocess with its own local Ray,
-so that the test can kill it."""
+"""Injected faults, with pruning on (the default): a driver SIGKILLed mid-run and resumed, a
+candidate that cannot be loaded, a Ray Train worker killed mid-run, probes that diverge or run
+out of memory, and every candidate failing. Each screening runs in a subprocess with its own
+local Ray, so that the test can kill it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lensray.cli.screen import ALL_FAILED
 from lensray.run.store import ProbeStore, candidate_key
 from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
 
@@ -82,7 +84,7 @@ def faulty_run(tmp_path_factory):
         "name": "faults", "ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
         "grid": {"start": 200, "factor": 2, "max_samples": 1600, "zero_shot": True},
         "zoo": [{"id": "good", "model": GOOD_MODEL}, {"id": "missing", "model": str(tmp / "no-such-model")}],
-        "task": TASK, "probe": PROBE, "pruning": {"enabled": False},
+        "task": TASK, "probe": PROBE,
     }
     (tmp / "faults.yaml").write_text(yaml.safe_dump(config))
     out = tmp / "out"
@@ -124,24 +126,123 @@ def test_killed_worker_is_retried_without_repeating_probes(faulty_run):
         assert runner.run(d).test_loss == pytest.approx(records[d]["test_loss"], rel=1e-6)
 
 
-def test_diverging_probes_fail_their_candidates_and_exit_nonzero_when_all_fail(tmp_path):
+@pytest.mark.parametrize("pruning", [True, False], ids=["pruning", "no-pruning"])
+def test_diverging_probes_fail_their_candidates_and_exit_nonzero_when_all_fail(tmp_path, pruning):
     import yaml
 
     config = {
         "ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
         "grid": {"start": 200, "factor": 2, "max_samples": 800, "zero_shot": True},
         "zoo": [{"id": "a", "model": GOOD_MODEL}, {"id": "b", "model": GOOD_MODEL.replace("n_embd=64", "n_embd=32")}],
-        "task": TASK, "probe": PROBE, "pruning": {"enabled": False},
+        "task": TASK, "probe": PROBE, "pruning": {"enabled": pruning},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     env = {**os.environ, "LENSRAY_FAULTS": "nan_at_step=1"}  # every attempt of every probe diverges
     done = subprocess.run([sys.executable, "-m", "lensray", "screen", str(tmp_path / "c.yaml"), "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=400)
-    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "every candidate failed" in done.stderr
+    assert done.returncode == ALL_FAILED, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"error: every candidate failed (2 of 2; reasons above and in report.md); outputs in {out}\n" in done.stderr
     selection = json.loads((out / "selection.json").read_text())
     for row in selection["ranking"]:
         assert row["status"] == "failed" and "D=200 diverged" in row["error"] and "learning rate" in row["error"]
     stored = ProbeStore(str(out)).get_all()
     assert sorted(r["n_samples"] for r in stored) == [0, 0]  # zero-shot kept; no diverged probe stored as a result
+    assert "D=200 diverged" in (out / "report.md").read_text()  # the outputs are written all the same
+
+
+def _left_running(pid: int, grace: float = 30.0) -> list[str]:
+    """Processes of the session a screening subprocess led (its Ray included) still alive ``grace``
+    seconds after it exited (Ray's own processes take a few seconds to go)."""
+    procs = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(p.pid) == pid:
+                procs.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    left = []
+    for p in alive:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(p.cmdline())[:120])
+        except psutil.Error:
+            pass
+    return left
+
+
+def _corrupt_folder(root: Path) -> Path:
+    """A model folder that passes the driver's checks (config, safetensors name) but cannot load."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 4}))
+    (root / "model.safetensors").write_bytes(b"not a safetensors file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pruned_faults(tmp_path_factory):
+    """One screening with pruning on in which each fault is injected once: an OOM that is retried at a
+    smaller micro-batch, a diverging probe, an OOM even at micro-batch 1, weights that cannot load
+    in the worker, and a hub id that is not cached while offline; then a --resume of it."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("pruned-faults")
+    good, nan, oom = "tiny:gpt2:n_layer=2", "tiny:gpt2:n_layer=1", "tiny:gpt2:n_embd=32"
+    config = {
+        "name": "pruned-faults", "ray": {"num_cpus": 2, "num_gpus": 0}, "target_samples": 51200,
+        "grid": {"start": 200, "factor": 2, "max_samples": 800, "zero_shot": True},
+        "zoo": [{"id": "good", "model": good}, {"id": "nan", "model": nan}, {"id": "oom", "model": oom},
+                {"id": "corrupt", "model": str(_corrupt_folder(tmp / "corrupt"))},
+                {"id": "hub", "model": "nonexistent-org/no-model"}],
+        "task": TASK, "probe": PROBE,  # pruning: the default (on)
+    }
+    (tmp / "c.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "LENSRAY_FAULTS": f"model={good},oom_above=8;model={nan},nan_at_step=1;model={oom},oom_above=0"}
+    out, runs = tmp / "out", {}
+    for name, extra in (("first", []), ("resume", ["--resume"])):
+        with open(tmp / f"{name}.log", "w") as fh:
+            proc = subprocess.Popen([sys.executable, "-m", "lensray", "screen", str(tmp / "c.yaml"), "--out", str(out),
+                                     *extra], stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            code = proc.wait(timeout=400)
+        runs[name] = {"code": code, "log": (tmp / f"{name}.log").read_text(), "left": _left_running(proc.pid),
+                      "selection": json.loads((out / "selection.json").read_text()), "files": _files(out),
+                      "report": (out / "report.md").read_text()}
+    return runs
+
+
+def test_each_fault_under_pruning_fails_only_its_candidate(pruned_faults):
+    first = pruned_faults["first"]
+    assert first["code"] == 0, first["log"][-3000:]
+    assert "Traceback" not in first["log"]
+    rows = {e["candidate"]: e for e in first["selection"]["ranking"]}
+    assert first["selection"]["selected"] == "good" and rows["good"]["status"] == "finished"
+    assert rows["good"]["n_probes"] == 4
+    expected = {"nan": "probe at D=200 diverged", "oom": "probe at D=200 failed",
+                "corrupt": "could not load", "hub": "not in the local Hugging Face cache"}
+    for cid, words in expected.items():
+        assert rows[cid]["status"] == "failed" and words in rows[cid]["error"], rows[cid]
+        assert rows[cid]["error"][:80] in first["report"]
+        assert f"warning: candidate {cid} failed" in first["log"]
+    assert "out of memory" in rows["oom"]["error"]
+    out = Path(first["selection"]["output"])
+    assert out.is_absolute() and f"outputs in {out}" in first["log"]
+    retried = json.loads((out / "probes" / candidate_key("good") / "200.json").read_text())
+    assert retried["attempts"] > 1 and retried["micro_batch"] == 8  # the OOM was retried; nothing lost
+    zero_shots = {r["candidate"] for r in ProbeStore(str(out)).get_all() if r["n_samples"] == 0}
+    assert zero_shots == {"good", "nan", "oom"}  # probes before a failure are kept
+    assert first["left"] == [], "processes left running after the run: " + str(first["left"])
+
+
+def test_resume_under_pruning_repeats_nothing_and_keeps_the_wall_time(pruned_faults):
+    first, resumed = pruned_faults["first"], pruned_faults["resume"]
+    assert resumed["code"] == 0, resumed["log"][-3000:]
+    assert "Traceback" not in resumed["log"]
+    assert all(resumed["files"][name] == data for name, data in first["files"].items())  # no probe repeated
+    assert [(e["candidate"], e["status"]) for e in resumed["selection"]["ranking"]] == \
+        [(e["candidate"], e["status"]) for e in first["selection"]["ranking"]]  # the failed ones retried, failed again
+    compute = resumed["selection"]["compute"]
+    assert compute["wall_seconds"] == first["selection"]["compute"]["wall_seconds"]
+    assert len(compute["resume_wall_seconds"]) == 1 and "later --resume run(s)" in resumed["report"]
+    assert resumed["left"] == []

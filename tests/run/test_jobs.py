@@ -81,5 +81,11 @@ def test_ray_job_submit_screens_and_writes_outputs(ray_head, tmp_path):
     for name in ("report.md", "curves.png", "probes.parquet"):
         assert (out / name).is_file()
     assert "selected:" in done.stdout
+    assert selection["output"] == str(out) and f"outputs in {out}" in done.stdout  # the absolute URI
+    # a relative --out would land in the job's temporary copy of the working dir: refused, exit 2
+    refused = subprocess.run([*cmd[:-1], "runs/lost"], capture_output=True, text=True, env=env, timeout=400)
+    assert refused.returncode != 0
+    assert "error: storage.path: 'runs/lost' is relative, and inside a Ray job" in refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr
     token = env["RAY_AUTH_TOKEN"]
     assert all(token not in p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file() and p.suffix != ".png")

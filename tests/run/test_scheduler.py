@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from lensray.core.forecast import Forecast, Stop, confidently_better, prune_decision
@@ -234,6 +235,31 @@ def test_failed_candidate_is_no_rival():
     sched.on_trial_result(None, None, _result("a", 1.0, 1.2))
     sched.on_trial_result(None, None, {"candidate": "a", "failed": True})
     assert sched.on_trial_result(None, None, _result("b", 1.5, 1.9)) == TrialScheduler.CONTINUE
+
+
+def test_a_report_in_flight_after_the_stop_is_stopped_again_without_a_second_record():
+    """The race of a trial that reports while its stop travels: one stop record, the first."""
+    stops: list[Stop] = []
+    sched = CurvePruner(top_k=1, grace_points=3, on_stop=stops.append)
+    sched.on_trial_result(None, None, _result("a", 1.0, 1.2))
+    assert sched.on_trial_result(None, None, _result("b", 1.5, 1.9)) == TrialScheduler.STOP
+    late = {**_result("b", 1.0, 1.1, points=4), "n_samples": 1600}  # a better forecast, in flight
+    assert sched.on_trial_result(None, None, late) == TrialScheduler.STOP
+    assert [s.n_samples for s in stops] == [800] and sched.stopped["b"].n_samples == 800
+    assert sched.forecasts["b"].points == 3  # the late report does not become a rival's yardstick
+    assert sched.on_trial_result(None, None, {"candidate": "b", "failed": True}) == TrialScheduler.STOP
+
+
+def test_a_forecaster_that_raises_stops_no_one_and_ends_nothing(caplog):
+    def broken(observed):
+        raise np.linalg.LinAlgError("SVD did not converge")
+
+    stops: list[Stop] = []
+    sched = CurvePruner(grace_points=3, forecaster=broken, observed={"a": {200: 1.0, 400: 0.9, 800: 0.8}},
+                        on_stop=stops.append)
+    for n, loss in [(200, 9.0), (400, 8.9), (800, math.nan)]:
+        assert sched.on_trial_result(None, None, {"candidate": "b", "n_samples": n, "loss": loss}) == "CONTINUE"
+    assert stops == [] and "SVD did not converge" in caplog.text
 
 
 def test_known_forecasts_from_a_previous_run_count():

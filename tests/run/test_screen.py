@@ -15,7 +15,7 @@ from lensray.run.config import load_config
 from lensray.core.forecast import zoo_forecaster
 from lensray.run.screen import finish, max_concurrent
 from lensray.run.store import make_plan, read_decision, write_decision
-from lensray.cli.screen import summarise
+from lensray.cli.screen import ALL_FAILED, summarise
 from lensray.run.store import ProbeStore
 from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
 
@@ -213,7 +213,7 @@ def test_finishers_are_explained_on_marginal_intervals_without_an_error_split(tm
 def test_summary_exit_codes(capsys):
     row = {"candidate": "a", "status": "failed", "predicted_loss": None, "error": "boom"}
     bill = {"flops_spent": 0.0, "flops_full_tuning": 0.0, "saved_fraction": None, "wall_seconds": 1.0}
-    assert summarise({"selected": None, "ranking": [row], "compute": bill}, "out") == 1
+    assert summarise({"selected": None, "ranking": [row], "compute": bill}, "out") == ALL_FAILED == 3
     ok = {**row, "candidate": "b", "status": "finished", "predicted_loss": 1.0, "error": None}
     assert summarise({"selected": "b", "ranking": [ok, row], "compute": bill}, "out") == 0
     err = capsys.readouterr().err
