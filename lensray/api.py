@@ -100,7 +100,7 @@ def screen(config: ConfigSource = None, out: Optional[str | Path] = None, resume
     cfg, curves = _inputs(config, out, replay, overrides)
     selection = run_screen(cfg, resume=resume, backend="train" if curves is None else "replay", replay=curves,
                            progress=progress, callbacks=callbacks)
-    return Results(selection, selection.get("output_uri") or cfg.storage.path)
+    return Results(selection, selection.get("output") or cfg.storage.path)
 
 
 def plan(config: ConfigSource = None, out: Optional[str | Path] = None, replay: Optional[str | Path] = None,
