@@ -152,11 +152,14 @@ def check_file_task(config: Any) -> None:
 
 
 def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
-    """Print the selection (secret env values redacted); returns the exit code (1 when every candidate failed)."""
+    """Print the ``selection.json`` dict (secret env values redacted; the predictor's notes on stderr); returns the
+    exit code (1 when every candidate failed)."""
     ranking = selection["ranking"]
     failed = [e for e in ranking if e["status"] == "failed"]
     for e in failed:
         _say(f"warning: candidate {e['candidate']} failed: {e['error']}", file=sys.stderr)
+    for note in selection.get("notes", []):
+        _say(f"note: {note}", file=sys.stderr)
     bill = selection["compute"]
     saved = bill["saved_fraction"]
     _say(f"selected: {selection['selected']}", file=stream)

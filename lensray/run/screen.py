@@ -274,11 +274,11 @@ def _storage_path(store: ProbeStore, name: str) -> str:
 
 def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Backend, replay: Optional[Curves],
            wall_seconds: float) -> dict[str, Any]:
-    """Rank the candidates (:func:`~lensray.run.ranking.rank`) and write the outputs."""
+    """Rank the candidates (:func:`~lensray.run.ranking.rank`), write the outputs; returns the ``selection.json`` dict."""
     from lensray.run.report import predictor_curves, write_report
 
     selection, selector, curves, records = rank(config, store, grid, backend, replay, wall_seconds)
     store.write_parquet(records)
     fitted = predictor_curves(selector, curves, config.target_samples)  # the plot shows the ranking's own fits
     write_report(store, selection, records, config.target_samples, fitted=fitted)
-    return selection
+    return selection.to_dict()
