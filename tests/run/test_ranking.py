@@ -145,3 +145,34 @@ def test_train_screening_fits_lensllm_on_its_probes_ntk(tmp_path):
         assert entry["params"]["F_ntk"] == pytest.approx(own[cid], rel=1e-9)
         assert entry["params"]["F"] == pytest.approx(entry["params"]["gamma"] * own[cid], rel=1e-9)
     assert own["gpt2"] != pytest.approx(own["llama"], rel=1e-3)  # each candidate's own kernel
+
+
+def test_a_replay_ranks_with_its_tables_ntk_columns(tmp_path):
+    """Replayed probes are the table's, so their NTK features are the table's columns up to the budget."""
+    from tests.core.test_ntk_term import _lensllm_zoo
+
+    zoo, _ = _lensllm_zoo(6, seed=0)
+    replay = load_curves_csv(write_curves_csv(zoo, tmp_path / "zoo.csv"))
+    config = load_config({"storage": {"path": str(tmp_path / "o")}, "predictor": {"method": "lensllm"},
+                          "grid": {"start": 200, "max_samples": 25600},
+                          "zoo": [{"id": cid} for cid in replay.ids]}, check_task=False)
+    grid = [int(d) for d in replay.D if d <= 25600]
+    store = ProbeStore(str(tmp_path / "o"))
+    for i, cid in enumerate(replay.ids):
+        for j, d in enumerate(grid):
+            store.put(cid, {"n_samples": d, "status": "ok", "test_loss": float(replay.L[i, j]), "backend": "replay"})
+    selection, _, curves, _ = rank(config, store, grid, "replay", replay, 1.0)
+    assert curves.ntk.F.shape == (6, len(grid)) and "phase mode" in selection.notes[0]
+    F_target = replay.budget(25600).ntk.F_at(np.array(grid, float), config.target_samples)
+    by = {e.candidate: e.params["F_ntk"] for e in selection.ranking}
+    assert [by[cid] for cid in replay.ids] == pytest.approx(list(F_target), rel=1e-12)
+
+
+def test_summary_prints_the_predictors_notes(capsys):
+    from lensray.cli.screen import summarise
+
+    row = {"candidate": "a", "status": "finished", "predicted_loss": 1.0, "error": None}
+    bill = {"flops_spent": 0.0, "flops_full_tuning": 0.0, "saved_fraction": None, "wall_seconds": 1.0}
+    notes = ["lensllm: F fitted per candidate (prediction mode): no NTK F for 'a' at D=400"]
+    assert summarise({"selected": "a", "ranking": [row], "compute": bill, "notes": notes}, "out") == 0
+    assert f"note: {notes[0]}" in capsys.readouterr().err
