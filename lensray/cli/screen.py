@@ -151,9 +151,10 @@ def check_file_task(config: Any) -> None:
         check_train_size(config, len(load_task(config.task).train))
 
 
-def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
+def summarise(selection: dict, out: str, stream: Any = None) -> int:
     """Print the ``selection.json`` dict (secret env values redacted; the predictor's notes on stderr); returns the
-    exit code (1 when every candidate failed)."""
+    exit code (1 when every candidate failed). ``stream``: default the standard output at call time."""
+    stream = sys.stdout if stream is None else stream
     ranking = selection["ranking"]
     failed = [e for e in ranking if e["status"] == "failed"]
     for e in failed:
