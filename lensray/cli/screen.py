@@ -73,13 +73,16 @@ def print_plan(plan: dict, stream: Any = None) -> int:
     return 0
 
 
-def summarise(selection: dict, out: str, stream=sys.stdout) -> int:
-    """Print the selection (secret env values redacted); returns the exit code (:data:`ALL_FAILED` when
-    every candidate failed)."""
+def summarise(selection: dict, out: str, stream: Any = None) -> int:
+    """Print the ``selection.json`` dict (secret env values redacted; the predictor's notes on stderr); returns the
+    exit code (:data:`ALL_FAILED` when every candidate failed). ``stream``: default the standard output at call time."""
+    stream = sys.stdout if stream is None else stream
     ranking = selection["ranking"]
     failed = [e for e in ranking if e["status"] == "failed"]
     for e in failed:
         _say(f"warning: candidate {e['candidate']} failed: {e['error']}", file=sys.stderr)
+    for note in selection.get("notes", []):
+        _say(f"note: {note}", file=sys.stderr)
     bill = selection["compute"]
     saved = bill["saved_fraction"]
     _say(f"selected: {selection['selected']}", file=stream)

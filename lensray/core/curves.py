@@ -19,6 +19,16 @@ Missing points: an empty or ``NaN`` loss cell is rejected by default. With
 candidate stopped early); selection methods then fit each row on its measured points and
 report rows they cannot fit. ``size`` is optional in the file: methods that need it call
 :meth:`Curves.require_size`, which raises a clear error naming the column.
+
+NTK columns (optional; :mod:`lensray.core.ntk_term`, read into :attr:`Curves.ntk`):
+``ntk_F@<D>`` (F(Θ, t) of the probe at size ``D``), ``ntk_t@<D>`` (its optimiser steps),
+``ntk_eta`` (the probes' learning rate) and the pairs ``ntk_eig_<j>`` / ``ntk_coef_<j>``
+(``j = 1, 2, ...``: the kernel's eigenvalues and ``Vᵀr₀``, so F extends to sizes without a
+probe). Other ``ntk_*`` columns (``ntk_trace``, ``ntk_seconds``) are ignored. ``<D>`` must be
+a sample-size column of the table and every ``ntk_eig_<j>`` needs its ``ntk_coef_<j>``; an empty
+cell is a missing value (a row lacking F at a measured size is fitted with F free, see
+:class:`lensray.core.selection.LensLLMSelector`); a cell that is not a finite number (F, t,
+eigenvalues: >= 0; eta: > 0) is an error naming its row and column.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lensray.core.ntk_term import NTKTerms
 from lensray.errors import LensrayInputError
 
 ID_COLUMN = "config name"
@@ -60,6 +71,9 @@ class Curves:
         Model families; None = unknown. Default: all unknown.
     name : str
         Short name of the table (the file stem when loaded from a file).
+    ntk : NTKTerms, optional
+        NTK features of each probe (F per point, shape (n, m) like ``L``, NaN where absent, and
+        the spectrum to evaluate F at other sizes); None when the table has none.
     """
 
     ids: list[str]
@@ -68,6 +82,7 @@ class Curves:
     size: np.ndarray | None = None
     family: list[str | None] | None = None
     name: str = field(default="")
+    ntk: NTKTerms | None = None
 
     def __post_init__(self) -> None:
         self.ids = [str(i) for i in self.ids]
@@ -86,6 +101,8 @@ class Curves:
         self.family = [None] * n if self.family is None else list(self.family)
         if len(self.family) != n:
             raise ValueError(f"family has {len(self.family)} entries, expected {n}")
+        if self.ntk is not None and self.ntk.F.shape != (n, m):
+            raise ValueError(f"ntk F has shape {self.ntk.F.shape}, expected ({n}, {m})")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -125,7 +142,8 @@ class Curves:
                 f"budget max_samples={max_samples} leaves {n_pos} points with D > 0, need at least {MIN_POINTS} "
                 f"(sample-size columns: {', '.join(_fmt(d) for d in self.D)})"
             )
-        return Curves(self.ids, self.D[keep], self.L[:, keep], self.size.copy(), list(self.family), self.name)
+        return Curves(self.ids, self.D[keep], self.L[:, keep], self.size.copy(), list(self.family), self.name,
+                      None if self.ntk is None else self.ntk.columns(keep))
 
     def missing(self) -> dict[str, list[int]]:
         """Per model id, the sample sizes whose loss is not measured (NaN); complete rows are left out."""
@@ -155,7 +173,8 @@ class Curves:
         """The models at positions ``rows``, in that order."""
         idx = np.asarray(rows, dtype=np.int64).reshape(-1)
         return Curves(
-            [self.ids[i] for i in idx], self.D.copy(), self.L[idx], self.size[idx], [self.family[i] for i in idx], self.name
+            [self.ids[i] for i in idx], self.D.copy(), self.L[idx], self.size[idx], [self.family[i] for i in idx], self.name,
+            None if self.ntk is None else self.ntk.take(idx),
         )
 
 
@@ -180,6 +199,7 @@ def load_curves_csv(path: str | Path, allow_missing: bool = False) -> Curves:
         raise LensrayInputError(f"curves file '{path}' is empty")
     header_line, header = rows[0]
     id_col, size_col, family_col, d_cols = _parse_header(header)
+    ntk_cols = _ntk_header(header, [d for _, d in d_cols])
     if not rows[1:]:
         raise LensrayInputError(f"curves file '{path}' has a header but no model rows")
 
@@ -188,6 +208,7 @@ def load_curves_csv(path: str | Path, allow_missing: bool = False) -> Curves:
     losses = np.empty((len(rows) - 1, len(d_cols)))
     sizes = np.full(len(rows) - 1, np.nan)
     families: list[str | None] = []
+    ntk_cells: list[dict[str, list[float]]] = []
     for r, (line, cells) in enumerate(rows[1:]):
         if len(cells) != len(header):
             raise LensrayInputError(f"line {line} has {len(cells)} cells, the header has {len(header)}")
@@ -205,9 +226,16 @@ def load_curves_csv(path: str | Path, allow_missing: bool = False) -> Curves:
             sizes[r] = _size(cells[size_col], f"{where}, column '{header[size_col].strip()}'")
         fam = cells[family_col].strip() if family_col is not None else ""
         families.append(fam or None)
+        if ntk_cols is not None:
+            ntk_cells.append(_ntk_row(cells, header, ntk_cols, where))
 
     D = np.array([d for _, d in d_cols], dtype=np.float64)
-    return Curves(ids, D, losses, sizes, families, name=path.stem)
+    ntk = None
+    if ntk_cols is not None:
+        F, t, eta, eig, coef = (np.array([row[key] for row in ntk_cells], dtype=np.float64).reshape(len(ids), -1)
+                                for key in ("F", "t", "eta", "eig", "coef"))
+        ntk = NTKTerms(F, t, eta.reshape(-1) if eta.size else None, eig, coef)
+    return Curves(ids, D, losses, sizes, families, name=path.stem, ntk=ntk)
 
 
 def _read_rows(path: Path) -> list[tuple[int, list[str]]]:
@@ -259,6 +287,72 @@ def _parse_header(header: list[str]) -> tuple[int, int | None, int | None, list[
             f"found {n_pos}"
         )
     return seen[ID_COLUMN], seen.get(SIZE_COLUMN), seen.get(FAMILY_COLUMN), d_cols
+
+
+NTK_PREFIX = "ntk_"
+
+
+def _ntk_header(header: list[str], sizes: list[int]) -> dict[str, list[int | None]] | None:
+    """Positions of the NTK columns (module docstring) by kind, each aligned with ``sizes`` for
+    ``F`` and ``t`` (None: no column for that size) and with ``j`` for ``eig``/``coef``; None when
+    the table has no NTK column."""
+    names = [h.strip() for h in header]
+    per_size: dict[str, dict[int, int]] = {"F": {}, "t": {}}
+    spectrum: dict[str, dict[int, int]] = {"eig": {}, "coef": {}}
+    eta = None
+    for pos, name in enumerate(names):
+        low = name.lower()
+        if not low.startswith(NTK_PREFIX):
+            continue
+        kind, _, rest = low[len(NTK_PREFIX):].partition("@")
+        if rest or kind in ("f", "t"):
+            if kind not in ("f", "t") or not rest.isdigit():
+                raise LensrayInputError(f"column '{name}': NTK columns per size are named ntk_F@<D> or ntk_t@<D>, "
+                                        "with <D> a sample-size column")
+            if int(rest) not in sizes:
+                raise LensrayInputError(f"column '{name}': there is no sample-size column '{int(rest)}' for it")
+            per_size["F" if kind == "f" else "t"][int(rest)] = pos
+        elif kind == "eta":
+            eta = pos
+        elif kind.startswith(("eig_", "coef_")):
+            part, _, j = kind.partition("_")
+            if not j.isdigit() or int(j) < 1:
+                raise LensrayInputError(f"column '{name}': spectrum columns are named ntk_eig_<j> and ntk_coef_<j>, "
+                                        "j = 1, 2, ...")
+            spectrum[part][int(j)] = pos
+    for part, other in (("eig", "coef"), ("coef", "eig")):
+        lone = sorted(set(spectrum[part]) - set(spectrum[other]))
+        if lone:
+            raise LensrayInputError(f"column '{names[spectrum[part][lone[0]]]}' has no partner column "
+                                    f"'ntk_{other}_{lone[0]}'")
+    if not per_size["F"]:
+        if per_size["t"] or spectrum["eig"] or eta is not None:
+            raise LensrayInputError("NTK columns without any ntk_F@<D> column: the F(Θ, t) of each probe is needed")
+        return None
+    js = sorted(spectrum["eig"])
+    return {"F": [per_size["F"].get(d) for d in sizes], "t": [per_size["t"].get(d) for d in sizes],
+            "eta": [eta] if eta is not None else [], "eig": [spectrum["eig"][j] for j in js],
+            "coef": [spectrum["coef"][j] for j in js]}
+
+
+def _ntk_row(cells: list[str], header: list[str], cols: dict[str, list[int | None]], where: str) -> dict[str, list[float]]:
+    """One row's NTK cells by kind (NaN where the table has no column for a size)."""
+    return {kind: [math.nan if c is None else _ntk_value(cells[c], f"{where}, column '{header[c].strip()}'", kind)
+                   for c in positions] for kind, positions in cols.items()}
+
+
+def _ntk_value(cell: str, where: str, kind: str) -> float:
+    """One NTK cell (NaN when empty); >= 0 except coefficients (any sign) and the learning rate (> 0)."""
+    value = _number(cell)
+    if value is None:
+        raise LensrayInputError(f"{where}: NTK value {cell.strip()!r} is not a number")
+    if math.isnan(value):
+        return value
+    if not math.isfinite(value) or (kind != "coef" and value < 0) or (kind == "eta" and value == 0):
+        need = "a finite number" if kind == "coef" else "a finite positive number" if kind == "eta" \
+            else "a finite number >= 0"
+        raise LensrayInputError(f"{where}: NTK value must be {need}, got {cell.strip()}")
+    return value
 
 
 def _sample_size(name: str) -> int | None:

@@ -8,7 +8,7 @@ rows are still ranked, failed rows last.
 Methods (DESIGN.md §2-§3): ``zeroshot`` (loss at D = 0), ``subtuning`` (loss at the largest
 visible D), ``modelsize`` (score log size, larger is better), ``vanilla`` (power law on
 D > 0), ``rectified`` (rectified law on D = 0 and D > 0), ``ats`` (Accept-then-Stop line),
-``lensllm`` (LensLLM law; NTK-supplied F when the curves carry ``ntk_F``) and ``lensray``
+``lensllm`` (LensLLM law; F from the probes' NTK features when the curves carry them) and ``lensray``
 (the project's predictor, :class:`LensraySelector`: the median of two robust lines, the
 rectified law and a zoo-shared steepening).
 """
@@ -57,13 +57,17 @@ class Prediction:
         Whether the row was scored.
     errors : list of (str or None)
         Why a row was not scored.
-    params : array or None
+    params : array (n, p) or None
         Fitted parameters per row, when the method has any.
+    param_names : tuple of str or None
+        The names of the ``p`` columns of ``params`` (:meth:`named_params`).
     higher_is_better : bool
         Rank by descending score (``modelsize``); default ascending (a loss).
     error_split : (array (n,), array (n,)) or None
         ``lensray`` only: standard deviations of the zoo-common and own parts of the error of
         log ``loss`` (:meth:`LensraySelector._pooled_split`, widened by ``_widen_by_origin``).
+    notes : list of str
+        What the method wants a reader to know about this fit (e.g. how the LensLLM F was had).
     """
 
     ids: list[str]
@@ -76,6 +80,17 @@ class Prediction:
     params: np.ndarray | None = None
     higher_is_better: bool = field(default=False)
     error_split: tuple[np.ndarray, np.ndarray] | None = None
+    param_names: tuple[str, ...] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def named_params(self, i: int) -> dict[str, float] | None:
+        """Row ``i``'s fitted parameters by name (``p1, p2, ...`` when the method names none)."""
+        if self.params is None:
+            return None
+        row = np.asarray(self.params, dtype=np.float64)[i].reshape(-1)
+        names = self.param_names if self.param_names and len(self.param_names) == row.size else \
+            tuple(f"p{j + 1}" for j in range(row.size))
+        return {name: float(v) for name, v in zip(names, row)}
 
     def rank(self) -> np.ndarray:
         """Rank of each row, 1 = best; failed rows come last; ties keep the input order."""
@@ -267,7 +282,7 @@ class AtSSelector(Selector):
                 se = s * np.sqrt(1 + 1 / p + (xt - x.mean()) ** 2 / np.sum((x - x.mean()) ** 2))
                 half = stats.t.ppf(0.5 + LEVEL / 2, p - 2) * se
                 lo[i], hi[i] = loss[i] * np.exp(-half), loss[i] * np.exp(half)
-        return _prediction(curves, loss, lo, hi, errors=errors, params=params)
+        return _prediction(curves, loss, lo, hi, errors=errors, params=params, param_names=("slope", "intercept"))
 
 
 class LawSelector(Selector):
@@ -275,19 +290,19 @@ class LawSelector(Selector):
 
     law_name = ""
 
-    def _fit(self, curves: Curves):
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         from lensray.core.laws import get_law
 
-        return get_law(self.law_name).fit(curves.D, curves.L)
-
-    def _predict(self, curves: Curves, target: int) -> Prediction:
         t = np.array([_check_target(curves, target)])
-        law = self._fit(curves)
+        law = get_law(self.law_name).fit(curves.D, curves.L)
         with np.errstate(over="ignore", invalid="ignore"):
             loss = law.predict(t)[:, 0]
             lo, hi = (a[:, 0] for a in law.predict_interval(t, LEVEL))
-        errors = [None if f else f"{self.law_name} law could not be fitted" for f in law.fitted_]
-        return _prediction(curves, loss, lo, hi, errors=errors, params=law.params_)
+        return _prediction(curves, loss, lo, hi, errors=self._errors(law), params=law.params_,
+                           param_names=law.param_names)
+
+    def _errors(self, law) -> list[str | None]:
+        return [None if f else f"{self.law_name} law could not be fitted" for f in law.fitted_]
 
 
 class VanillaSelector(LawSelector):
@@ -305,16 +320,57 @@ class RectifiedSelector(LawSelector):
 class LensLLMSelector(LawSelector):
     """LensLLM law L = B/(F + D^beta) + E.
 
-    "Phase" mode when the curves carry an ``ntk_F`` attribute (the NTK term per curve, or per
-    point), else "prediction" mode with F fitted per curve.
+    **Phase** mode when every curve with a measured point carries the NTK features of its probes
+    (``curves.ntk``: F at each measured size, and F at the target, from the probe there or the
+    kernel's spectrum, :meth:`lensray.core.ntk_term.NTKTerms.F_at`): F per point, put on the
+    D^beta scale by one ``gamma`` shared by the zoo (:class:`lensray.core.laws.LensLLMLaw`).
+    Parameters: ``B, F, beta, E`` with ``F = gamma F_ntk`` the effective F at the target, plus
+    ``gamma`` and ``F_ntk`` (the probes' own F(Θ, t) at the target). Otherwise **prediction** mode
+    (F fitted per curve, parameters ``B, F, beta, E``) and a note saying which row and size lacked
+    the features.
     """
 
     name = law_name = "lensllm"
 
-    def _fit(self, curves: Curves):
+    def _predict(self, curves: Curves, target: int) -> Prediction:
         from lensray.core.laws import get_law
 
-        return get_law(self.law_name).fit(curves.D, curves.L, F=getattr(curves, "ntk_F", None))
+        t = np.array([_check_target(curves, target)])
+        F_target, why = self._ntk_at_target(curves, float(t[0]))
+        if F_target is None:
+            pred = super()._predict(curves, target)
+            pred.notes.append(f"lensllm: F fitted per candidate (prediction mode): {why}")
+            return pred
+        law = get_law(self.law_name).fit(curves.D, curves.L, F=curves.ntk.F)
+        with np.errstate(over="ignore", invalid="ignore"):
+            loss = law.predict(t, F=F_target[:, None])[:, 0]
+            lo, hi = (a[:, 0] for a in law.predict_interval(t, LEVEL, F=F_target[:, None]))
+        params = law.params_.copy()
+        params[:, law.param_names.index("F")] = law.gamma_ * F_target
+        params = np.column_stack([params, np.full(len(curves), law.gamma_), F_target])
+        note = (f"lensllm: phase mode, F = gamma F(Θ, t) from the probes' NTK features, gamma = {law.gamma_:.4g} "
+                "shared by the zoo")
+        return _prediction(curves, loss, lo, hi, errors=self._errors(law), params=params,
+                           param_names=(*law.param_names, "gamma", "F_ntk"), notes=[note])
+
+    @staticmethod
+    def _ntk_at_target(curves: Curves, target: float) -> tuple[np.ndarray | None, str]:
+        """F at the target per row when every row with a measured point has F wherever it has a loss
+        and F extends to the target; else None and the first reason why not."""
+        if curves.ntk is None:
+            return None, "the curves carry no NTK features"
+        F_target = curves.ntk.F_at(curves.D, target)
+        for i, cid in enumerate(curves.ids):
+            measured = np.isfinite(curves.L[i])
+            if not measured.any():
+                continue
+            lacking = np.flatnonzero(measured & ~np.isfinite(curves.ntk.F[i]))
+            if lacking.size:
+                return None, f"no NTK F for '{cid}' at D={curves.D[lacking[0]]:g}"
+            if not np.isfinite(F_target[i]):
+                return None, (f"no NTK F for '{cid}' at the target D={target:g} (needs its kernel's spectrum and "
+                              "the probes' steps)")
+        return F_target, ""
 
 
 # ----------------------------------------------------------------------------- lensray
@@ -613,7 +669,7 @@ class LensraySelector(Selector):
         half = stats.norm.ppf(0.5 + LEVEL / 2) * np.sqrt(common**2 + own**2 + spread**2)
         common_w, own_w = self._widen_by_origin(x, y, y0, H, common, own, memo)
         return _prediction(curves, np.exp(logL), np.exp(logL - half), np.exp(logL + half), errors=errors,
-                           params=members, error_split=(common_w, np.hypot(own_w, spread)))
+                           params=members, param_names=MEMBERS, error_split=(common_w, np.hypot(own_w, spread)))
 
 
 

@@ -55,14 +55,24 @@ def synthetic_zoo(n: int = 300, seed: int = 0, noise: float = 0.01) -> Curves:
 
 
 def write_curves_csv(curves: Curves, path: str | Path) -> Path:
-    """Write curves in the benchmark tables' format (``config name``, sizes, ``size``, ``family``)."""
+    """Write curves in the benchmark tables' format (``config name``, sizes, ``size``, ``family``),
+    with the NTK columns of :mod:`lensray.core.curves` when ``curves.ntk`` is set."""
     path = Path(path)
+    sizes = [str(int(d)) for d in curves.D]
+    ntk = curves.ntk
+    k = 0 if ntk is None else ntk.eigenvalues.shape[1]
+    extra = [] if ntk is None else [*(f"ntk_F@{d}" for d in sizes), *(f"ntk_t@{d}" for d in sizes), "ntk_eta",
+                                    *(f"ntk_eig_{j + 1}" for j in range(k)), *(f"ntk_coef_{j + 1}" for j in range(k))]
     with path.open("w", newline="", encoding="utf-8") as fh:
         out = csv.writer(fh)
-        out.writerow(["config name", *(str(int(d)) for d in curves.D), "size", "family"])
-        size = curves.size if curves.size is not None else np.full(len(curves.ids), np.nan)
-        family = curves.family or [None] * len(curves.ids)
+        out.writerow(["config name", *sizes, "size", "family", *extra])
         for i, cid in enumerate(curves.ids):
-            s = "" if not np.isfinite(size[i]) else str(int(size[i]))
-            out.writerow([cid, *(repr(float(v)) for v in curves.L[i]), s, family[i] or ""])
+            s = "" if not np.isfinite(curves.size[i]) else str(int(curves.size[i]))
+            cells = [] if ntk is None else [_cell(v) for v in (*ntk.F[i], *ntk.t[i], ntk.eta[i], *ntk.eigenvalues[i],
+                                                                *ntk.coefficients[i])]
+            out.writerow([cid, *(repr(float(v)) for v in curves.L[i]), s, curves.family[i] or "", *cells])
     return path
+
+
+def _cell(value: float) -> str:
+    return repr(float(value)) if np.isfinite(value) else ""

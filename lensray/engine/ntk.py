@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from lensray.core.ntk_term import residual_norm
 from lensray.errors import LensrayInputError
 
 DEFAULT_SKETCH_DIM = 32768
@@ -96,14 +97,14 @@ class NTKFeatures:
     def F_at(self, t: float | np.ndarray, learning_rate: float | None = None) -> float | np.ndarray:
         """F(Θ, t) = ‖expm(−ηΘt) r₀‖² for any t (scalar or array); η defaults to the probe's."""
         eta = self.learning_rate if learning_rate is None else learning_rate
-        return residual_norm_from_spectrum(self.eigenvalues, self.coefficients, eta, t)
+        return residual_norm(self.eigenvalues, self.coefficients, eta, t)
 
     def top_eigenvalues(self, m: int = 8) -> np.ndarray:
         return self.eigenvalues[:m].copy()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary; ``eigenvalues``, ``coefficients`` (Vᵀr₀) and ``learning_rate``
-        give F at any t through :func:`residual_norm_from_spectrum`."""
+        give F at any t through :func:`lensray.core.ntk_term.residual_norm`."""
         return {
             "F": self.F,
             "trace": self.trace,
@@ -122,23 +123,12 @@ class NTKFeatures:
         }
 
 
-def residual_norm_from_spectrum(
-    eigvals: np.ndarray, coefficients: np.ndarray, eta: float, t: float | np.ndarray
-) -> float | np.ndarray:
-    """Σ_j exp(−2ηλ_j t) c_j² with c = Vᵀr₀; vectorised over t."""
-    lam = np.clip(np.asarray(eigvals, dtype=np.float64), 0.0, None)
-    c2 = np.asarray(coefficients, dtype=np.float64) ** 2
-    tt = np.asarray(t, dtype=np.float64)
-    out = np.exp(-2.0 * eta * np.multiply.outer(tt, lam)) @ c2
-    return float(out) if out.ndim == 0 else out
-
-
 def ntk_residual_norm(
     eigvals: np.ndarray, eigvecs: np.ndarray, r0: np.ndarray, eta: float, t: float | np.ndarray
 ) -> float | np.ndarray:
     """F(Θ, t) = ‖V exp(−ηΛt) Vᵀ r₀‖² from the eigendecomposition Θ = V diag(λ) Vᵀ."""
     coefficients = np.asarray(eigvecs, dtype=np.float64).T @ np.asarray(r0, dtype=np.float64)
-    return residual_norm_from_spectrum(eigvals, coefficients, eta, t)
+    return residual_norm(eigvals, coefficients, eta, t)
 
 
 def features_from_gram(

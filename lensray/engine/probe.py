@@ -79,7 +79,8 @@ class ProbeConfig(BaseModel):
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: 1 below 20M "
                                                              "parameters, where threading only adds overhead, "
                                                              "else all cores)")
-    ntk: bool = Field(False, description="also compute the NTK features (lensray.engine.ntk)")
+    ntk: bool | None = Field(None, description="also compute the NTK features (lensray.engine.ntk); null: in a "
+                             "screening, on when predictor.method is lensllm (its F), else off")
     ntk_samples: int = Field(32, ge=2, description="probe-set size n of the NTK Gram matrix")
     ntk_dim: int | None = Field(None, ge=16, description="sketch dimension k of the per-sample gradients "
                                                           "(default: lensray.engine.ntk's)")

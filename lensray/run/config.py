@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lensray.engine.data import SYNTHETIC, TaskConfig, load_task
 from lensray.errors import LensrayInputError
@@ -154,6 +154,13 @@ class ScreenConfig(_Model):
     pruning: PruningConfig = Field(default_factory=PruningConfig, description="early stopping")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="experiment trackers")
     tokens_per_sample: float = Field(35, gt=0, description="tokens per sample for the compute bill (replay)")
+
+    @model_validator(mode="after")
+    def _ntk_follows_the_predictor(self) -> "ScreenConfig":
+        """``probe.ntk`` unset: the probes compute the NTK features exactly when the predictor uses them."""
+        if self.probe.ntk is None:
+            self.probe.ntk = self.predictor.method == "lensllm"
+        return self
 
     def grid_sizes(self) -> list[int]:
         """The subset sizes probed, increasing, 0 first when zero-shot is on."""
@@ -352,8 +359,9 @@ def _check_semantics(config: ScreenConfig) -> None:
             raise LensrayInputError(f"zoo[{i}].id: holds the value of a secret environment variable; choose another id")
         seen[cand.id] = i
         if cand.strategy == "fsdp" and cand.workers > 1 and config.probe.ntk:
-            raise LensrayInputError(f"zoo[{i}].strategy: fsdp shards the parameters, the NTK features (probe.ntk) need "
-                                    "whole per-sample gradients; use strategy ddp or turn probe.ntk off")
+            raise LensrayInputError(f"zoo[{i}].strategy: fsdp shards the parameters, the NTK features (probe.ntk, on "
+                                    "by default with predictor lensllm) need whole per-sample gradients; use strategy "
+                                    "ddp or set probe.ntk: false")
 
 
 def check_train_size(config: ScreenConfig, n_train: int) -> None:

@@ -1,4 +1,4 @@
-"""The final ranking and the compute bill: every stored curve fitted, candidates ranked, FLOPs counted."""
+"""The final ranking and the compute bill: every stored curve fitted, candidates ranked (:class:`~lensray.run.results.Selection`), FLOPs counted."""
 
 from __future__ import annotations
 
@@ -9,23 +9,30 @@ import numpy as np
 
 from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, confidently_better, difference_interval, forecasts_from
+from lensray.core.ntk_term import NTKTerms
 from lensray.core.selection import Selector, get_selector
 from lensray.errors import LensrayInputError
 from lensray.run.config import ScreenConfig
+from lensray.run.results import Compute, RankingEntry, Selection
 from lensray.run.store import ProbeStore, candidate_size, is_ok, make_plan, probe_grid, read_decision, replay_gaps
 
 
 def curves_from_store(ids: list[str], grid: list[int], records: list[dict], sizes: Mapping[str, float],
                       families: Mapping[str, Optional[str]]) -> Curves:
-    """A :class:`Curves` of every candidate's stored ``ok`` probes (NaN where not probed)."""
+    """A :class:`Curves` of every candidate's stored ``ok`` probes (NaN where not probed), with
+    their NTK features (:meth:`~lensray.core.ntk_term.NTKTerms.from_records`) when probes computed them."""
     col = {d: j for j, d in enumerate(grid)}
     L = np.full((len(ids), len(grid)), np.nan)
     row = {cid: i for i, cid in enumerate(ids)}
+    ntk: list[dict[int, dict]] = [{} for _ in ids]
     for r in records:
         if is_ok(r) and r["candidate"] in row and r["n_samples"] in col and r.get("test_loss"):
             L[row[r["candidate"]], col[r["n_samples"]]] = float(r["test_loss"])
+            if r.get("ntk"):
+                ntk[row[r["candidate"]]][int(r["n_samples"])] = r["ntk"]
     size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
-    return Curves(ids, np.array(grid, dtype=float), L, size, [families.get(c) for c in ids])
+    D = np.array(grid, dtype=float)
+    return Curves(ids, D, L, size, [families.get(c) for c in ids], ntk=NTKTerms.from_records(D, ntk))
 
 
 def candidate_info(config: ScreenConfig, replay: Optional[Curves]) -> dict[str, dict[str, Any]]:
@@ -151,49 +158,51 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
     }
 
 
-def _explain_finishers(config: ScreenConfig, entries: list[dict], selected: Optional[str],
+def _explain_finishers(config: ScreenConfig, entries: list[RankingEntry], selected: Optional[str],
                        final: Mapping[str, Forecast]) -> None:
     """Set ``reason`` of each finished candidate other than ``selected``: why the pruning rule never
     stopped it, judged on the final curves (the margin to the selected candidate against the
     uncertainty of the difference at the predictor's level). ``final``: the forecasts of the final ranking."""
-    others = [e for e in entries if e["status"] == "finished" and e["candidate"] != selected]
+    others = [e for e in entries if e.status == "finished" and e.candidate != selected]
     if selected is None or not others:
         return
     if not config.pruning.enabled:
         for e in others:
-            e["reason"] = "ran to the end: pruning is off"
+            e.reason = "ran to the end: pruning is off"
         return
     level = f"{100 * config.predictor.level:g} %"
     best = final.get(selected)
     for e in others:
-        own = final.get(e["candidate"])
+        own = final.get(e.candidate)
         diff = difference_interval(best, own) if best is not None and own is not None else None
         if diff is not None:
             margin = f"log gap {diff[0]:.3g} against the {level} half-width {diff[1]:.3g} of the difference"
         elif best is not None and own is not None and math.isfinite(own.lo) and math.isfinite(best.hi):
             margin = f"optimistic end {own.lo:.4g} against the pessimistic end {best.hi:.4g} of {selected}"
         else:
-            e["reason"] = "never confidently worse than another candidate: no interval to compare"
+            e.reason = "never confidently worse than another candidate: no interval to compare"
             continue
         if confidently_better(best, own) is None:
-            e["reason"] = f"never confidently worse than {selected}, even with the final curves ({margin})"
+            e.reason = f"never confidently worse than {selected}, even with the final curves ({margin})"
         else:
-            e["reason"] = (f"confidently worse than {selected} only with the final curves ({margin}), not after any "
-                           "earlier probe; a last probe is never stopped (nothing to save)")
+            e.reason = (f"confidently worse than {selected} only with the final curves ({margin}), not after any "
+                        "earlier probe; a last probe is never stopped (nothing to save)")
 
 
 def rank(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: str, replay: Optional[Curves],
-         wall_seconds: float) -> tuple[dict[str, Any], Selector, Curves, list[dict]]:
+         wall_seconds: float) -> tuple[Selection, Selector, Curves, list[dict]]:
     """Fit every stored curve, rank the candidates and bill the compute.
 
-    Returns the ``selection.json`` content, the selector and curves it was fitted with (for the
-    plot) and the stored probe records.
+    Returns the :class:`~lensray.run.results.Selection`, the selector and curves it was fitted
+    with (for the plot) and the stored probe records.
     """
     info = candidate_info(config, replay)
     records = store.get_all()
     ids = [c.id for c in config.zoo]
     sizes = {cid: candidate_size(cid, info[cid]["size"], records) for cid in ids}
     curves = curves_from_store(ids, grid, records, sizes, {cid: info[cid]["family"] for cid in ids})
+    if replay is not None and replay.ntk is not None:  # a replay's probes are its table's: so are their NTK features
+        curves.ntk = replay.take([replay.ids.index(cid) for cid in ids]).budget(grid[-1]).ntk
     gaps = replay_gaps(replay, grid)
     selector = get_selector(config.predictor.method, config.predictor.level)
     pred = selector.predict(curves, config.target_samples)
@@ -211,35 +220,26 @@ def rank(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: str,
             status, error = "failed", f"incomplete: {len(observed)} of {len(expected)} probes stored"
         if status != "failed" and not pred.ok[i]:
             status, error = "failed", pred.errors[i] or "curve could not be fitted"
-        params = None if pred.params is None else [float(v) for v in np.asarray(pred.params)[i].reshape(-1)]
-        entries.append({
-            "candidate": cid, "status": status,
-            "predicted_loss": float(pred.loss[i]) if status != "failed" else None,
-            "interval": [float(pred.lo[i]), float(pred.hi[i])] if status != "failed" else [None, None],
-            "pruned_at": pruned_at, "params": params if status != "failed" else None,
-            "flops": sum(float(r.get("flops") or 0.0) for r in mine), "error": error, "reason": reason,
-            "n_probes": len(observed),
-        })
+        ok = status != "failed"
+        entries.append(RankingEntry(
+            candidate=cid, status=status, predicted_loss=float(pred.loss[i]) if ok else None,
+            interval=(float(pred.lo[i]), float(pred.hi[i])) if ok else (None, None), pruned_at=pruned_at,
+            params=pred.named_params(i) if ok else None, flops=sum(float(r.get("flops") or 0.0) for r in mine),
+            error=error, reason=reason, n_probes=len(observed),
+        ))
     order = {"finished": 0, "pruned": 1, "failed": 2}
-    entries.sort(key=lambda e: (order[e["status"]], e["predicted_loss"] if e["predicted_loss"] is not None
-                                and math.isfinite(e["predicted_loss"]) else math.inf))
-    spent = sum(e["flops"] for e in entries)
+    entries.sort(key=lambda e: (order[e.status], e.predicted_loss if e.has_prediction else math.inf))
+    spent = sum(e.flops for e in entries)
     full = full_tuning(config, info, records)
     gpu_seconds = sum(float(r.get("wall_seconds") or 0.0) * info[r["candidate"]]["gpus"] * info[r["candidate"]]["workers"]
                       for r in records if r["candidate"] in info)
-    selected = next((e["candidate"] for e in entries if e["status"] != "failed"), None)
+    selected = next((e.candidate for e in entries if e.status != "failed"), None)
     _explain_finishers(config, entries, selected, forecasts_from(curves, pred, config.predictor.level, config.pruning.relative))
-    compute = {"flops_spent": spent, "flops_full_tuning": full, "saved_fraction": 1.0 - spent / full if full > 0 else None,
-               "gpu_seconds": gpu_seconds, "wall_seconds": wall_seconds}
     probed = {r["candidate"] for r in records}
-    uncharged = [cid for cid in ids if not sizes[cid] and cid in probed]
-    if uncharged:
-        compute["uncharged"] = uncharged  # no parameter count: outside both sides of the bill
-    selection = {
-        "selected": selected,
-        "ranking": entries,
-        "compute": compute,
-        "backend": backend, "target_samples": config.target_samples, "grid": grid,
-        "predictor": config.predictor.method,
-    }
+    compute = Compute(flops_spent=spent, flops_full_tuning=full, saved_fraction=1.0 - spent / full if full > 0 else None,
+                      gpu_seconds=gpu_seconds, wall_seconds=wall_seconds,
+                      uncharged=[cid for cid in ids if not sizes[cid] and cid in probed])
+    selection = Selection(selected=selected, ranking=entries, compute=compute, backend=backend,
+                          target_samples=config.target_samples, grid=grid, predictor=config.predictor.method,
+                          notes=list(pred.notes))
     return selection, selector, curves, records

@@ -1,17 +1,9 @@
 """Outputs of a screening run: ``selection.json``, ``report.md`` and ``curves.png``.
 
-The driver hands over the final ranking (the ``selection.json`` dict), every probe result and,
-optionally, the fitted curve of each candidate; this module only renders them, through the
+The driver hands over the final ranking (a :class:`~lensray.run.results.Selection`, whose
+``to_dict`` is ``selection.json``), every probe result and, optionally, the fitted curve of
+each candidate; this module only renders them, through the
 :class:`~lensray.run.store.ProbeStore` (so every text is redacted and every write atomic).
-
-``selection.json``::
-
-    {"selected": id | null,
-     "ranking": [{"candidate", "status": "finished|pruned|failed", "predicted_loss", "interval": [lo, hi],
-                  "pruned_at", "params", "flops", "error", ...}],        # optional "reason" for pruned rows
-     "compute": {"flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds",
-                 "resume_wall_seconds"?},     # the first finished run's wall time; each later --resume's own
-     "output": absolute URI of the outputs}
 """
 
 from __future__ import annotations
@@ -23,11 +15,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from lensray.run.results import STATUSES, RankingEntry, Selection
 from lensray.run.store import ProbeStore, is_ok
 
-RANKING_KEYS = ("candidate", "status", "predicted_loss", "interval", "pruned_at", "params", "flops", "error")
-COMPUTE_KEYS = ("flops_spent", "flops_full_tuning", "saved_fraction", "gpu_seconds", "wall_seconds")
-STATUSES = ("finished", "pruned", "failed")
 TOP_COLOURED = 12
 MAX_RANKED = 30  # rows of the ranking panel
 MAX_COLOURED = 20  # larger zoos: the top TOP_COLOURED in colour, the others grey and thin
@@ -36,25 +26,9 @@ GREY = (0.6, 0.6, 0.6, 1.0)
 Fitted = Mapping[str, tuple[Sequence[float], Sequence[float]]]
 
 
-def check_selection(selection: Mapping[str, Any]) -> None:
-    """Raise ValueError naming the first key missing from a ``selection.json`` dict."""
-    for key in ("selected", "ranking", "compute"):
-        if key not in selection:
-            raise ValueError(f"selection: missing key {key!r}")
-    for i, row in enumerate(selection["ranking"]):
-        missing = [k for k in RANKING_KEYS if k not in row]
-        if missing:
-            raise ValueError(f"selection.ranking[{i}]: missing key(s) {missing}")
-        if row["status"] not in STATUSES:
-            raise ValueError(f"selection.ranking[{i}].status: {row['status']!r} is not one of {STATUSES}")
-    missing = [k for k in COMPUTE_KEYS if k not in selection["compute"]]
-    if missing:
-        raise ValueError(f"selection.compute: missing key(s) {missing}")
-
-
 def write_report(
     store: ProbeStore,
-    selection: Mapping[str, Any],
+    selection: Selection | Mapping[str, Any],
     probes: Sequence[Mapping[str, Any]],
     target_samples: int,
     fitted: Fitted | None = None,
@@ -67,7 +41,8 @@ def write_report(
     store
         Output store.
     selection
-        The ``selection.json`` dict (see the module docstring); checked with :func:`check_selection`.
+        The result, or its ``selection.json`` dict (read with :meth:`Selection.from_dict`, which
+        raises ValueError naming a missing key).
     probes
         Probe records (``candidate``, ``n_samples``, ``test_loss``, ``status`` ...), e.g. ``store.get_all()``.
     target_samples
@@ -83,9 +58,10 @@ def write_report(
     dict
         ``{"selection.json": path, "report.md": path, "curves.png": path}``.
     """
-    check_selection(selection)
+    if not isinstance(selection, Selection):
+        selection = Selection.from_dict(selection)
     return {
-        "selection.json": store.write_json("selection.json", selection),
+        "selection.json": store.write_json("selection.json", selection.to_dict()),
         "report.md": store.write_text("report.md", render_markdown(selection, probes, target_samples, title)),
         "curves.png": store.write_bytes("curves.png", plot_curves(selection, probes, target_samples, fitted)),
     }
@@ -104,16 +80,10 @@ def _flops(value: Any) -> str:
     return "–" if value is None or not math.isfinite(float(value)) else f"{float(value):.3g}"
 
 
-def _params(value: Any) -> str:
-    if value is None:
+def _params(value: Mapping[str, float] | None) -> str:
+    if not value:
         return "–"
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return _count(value)
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_num(v, '.3g') if isinstance(v, (int, float)) else v}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_num(v, ".3g") if isinstance(v, (int, float)) else str(v) for v in value) + "]"
-    return str(value)
+    return ", ".join(f"{k}={_num(v, '.4g')}" for k, v in value.items())
 
 
 def _count(n: float) -> str:
@@ -135,81 +105,83 @@ def _seconds(value: Any) -> str:
 
 
 def render_markdown(
-    selection: Mapping[str, Any], probes: Sequence[Mapping[str, Any]], target_samples: int, title: str
+    selection: Selection, probes: Sequence[Mapping[str, Any]], target_samples: int, title: str
 ) -> str:
     """The text of ``report.md``."""
-    ranking = list(selection["ranking"])
-    compute = selection["compute"]
+    ranking = selection.ranking
+    compute = selection.compute
     by_cand = _losses(probes)
     lines = [f"# {_cell(title)}", ""]
-    best = next((r for r in ranking if r["candidate"] == selection["selected"]), None)
+    best = selection.entry(selection.selected) if selection.selected is not None else None
     if best is None:
         lines += ["**No candidate selected**: every candidate failed.", ""]
     else:
-        lo, hi = (list(best.get("interval") or []) + [None, None])[:2]
+        lo, hi = best.interval
         lines += [
-            f"**Selected: `{_cell(best['candidate'])}`**, predicted test loss after fine-tuning on "
-            f"D* = {target_samples:,} samples: {_num(best['predicted_loss'])} "
+            f"**Selected: `{_cell(best.candidate)}`**, predicted test loss after fine-tuning on "
+            f"D* = {target_samples:,} samples: {_num(best.predicted_loss)} "
             f"(interval {_num(lo)} – {_num(hi)}).",
             "",
         ]
-    counts = {s: sum(r["status"] == s for r in ranking) for s in STATUSES}
+    counts = {s: sum(r.status == s for r in ranking) for s in STATUSES}
     lines += [f"{len(ranking)} candidates: {counts['finished']} finished, {counts['pruned']} pruned, "
               f"{counts['failed']} failed.", ""]
+    if selection.notes:
+        lines += [f"Predictor `{_cell(selection.predictor)}`: " + "; ".join(_cell(n) for n in selection.notes) + ".", ""]
 
     lines += ["## Ranking", "",
               "| rank | candidate | status | predicted loss at D* | interval | probes | largest D | "
-              "pruned at | params | FLOPs |",
+              "pruned at | fitted parameters | FLOPs |",
               "|---:|---|---|---:|---|---:|---:|---:|---|---:|"]
     for i, row in enumerate(ranking, 1):
-        lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
-        seen = by_cand.get(row["candidate"], {})
+        lo, hi = row.interval
+        seen = by_cand.get(row.candidate, {})
         lines.append(
-            f"| {i} | `{_cell(row['candidate'])}` | {row['status']} | {_num(row['predicted_loss'])} | "
+            f"| {i} | `{_cell(row.candidate)}` | {row.status} | {_num(row.predicted_loss)} | "
             f"{_num(lo)} – {_num(hi)} | {len(seen)} | {max(seen) if seen else '–'} | "
-            f"{row['pruned_at'] if row['pruned_at'] is not None else '–'} | {_cell(_params(row['params']))} | "
-            f"{_flops(row['flops'])} |"
+            f"{row.pruned_at if row.pruned_at is not None else '–'} | {_cell(_params(row.params))} | "
+            f"{_flops(row.flops)} |"
         )
     lines.append("")
 
-    saved = compute.get("saved_fraction")
+    saved = compute.saved_fraction
     lines += ["## Compute bill", "",
               "| | |", "|---|---:|",
-              f"| FLOPs spent on probes | {_flops(compute.get('flops_spent'))} |",
-              f"| FLOPs of full fine-tuning of every candidate on D* | {_flops(compute.get('flops_full_tuning'))} |",
+              f"| FLOPs spent on probes | {_flops(compute.flops_spent)} |",
+              f"| FLOPs of full fine-tuning of every candidate on D* | {_flops(compute.flops_full_tuning)} |",
               f"| saved | {'–' if saved is None else f'{100 * float(saved):.2f} %'} |",
-              f"| GPU time | {_seconds(compute.get('gpu_seconds'))} |",
-              f"| wall time | {_seconds(compute.get('wall_seconds'))} |"]
-    resumes = compute.get("resume_wall_seconds") or []
-    if resumes:
-        each = ", ".join(_seconds(t) for t in resumes)
-        lines.append(f"| wall time of {len(resumes)} later --resume run(s) | {_seconds(sum(resumes))} ({each}) |")
+              f"| GPU time | {_seconds(compute.gpu_seconds)} |",
+              f"| wall time | {_seconds(compute.wall_seconds)} |"]
+    if compute.resume_wall_seconds:
+        each = ", ".join(_seconds(t) for t in compute.resume_wall_seconds)
+        lines.append(f"| wall time of {len(compute.resume_wall_seconds)} later --resume run(s) | "
+                     f"{_seconds(sum(compute.resume_wall_seconds))} ({each}) |")
     lines.append("")
-    if compute.get("uncharged"):
-        names = ", ".join(f"`{_cell(c)}`" for c in compute["uncharged"])
+    if compute.uncharged:
+        names = ", ".join(f"`{_cell(c)}`" for c in compute.uncharged)
         lines += [f"Not in the bill (no parameter count known): {names}. Their probes are charged nothing and "
                   "they are left out of full tuning too, so the saved fraction is over the other candidates.", ""]
 
-    pruned = [r for r in ranking if r["status"] == "pruned"]
+    pruned = [r for r in ranking if r.status == "pruned"]
     if pruned:
         lines += ["## Why candidates were stopped", ""]
         for row in pruned:
-            reason = row.get("reason") or row.get("error") or "no reason recorded by the scheduler"
-            lines.append(f"- `{_cell(row['candidate'])}` stopped after D = {row['pruned_at']}: {_cell(reason)}")
+            reason = row.reason or row.error or "no reason recorded by the scheduler"
+            lines.append(f"- `{_cell(row.candidate)}` stopped after D = {row.pruned_at}: {_cell(reason)}")
         lines.append("")
-    ran = [r for r in ranking if r["status"] == "finished" and r["candidate"] != selection["selected"]]
+    ran = [r for r in ranking if r.status == "finished" and r.candidate != selection.selected]
     if ran:
-        spent = float(compute.get("flops_spent") or 0.0)
+        spent = float(compute.flops_spent or 0.0)
         lines += ["## Why the others ran to the end", ""]
-        for row in sorted(ran, key=lambda r: -float(r.get("flops") or 0.0)):
-            share = f" ({100 * float(row['flops']) / spent:.1f} % of the compute)" if spent > 0 and row.get("flops") else ""
-            lines.append(f"- `{_cell(row['candidate'])}`{share}: {_cell(row.get('reason') or 'no reason recorded')}")
+        for row in sorted(ran, key=lambda r: -float(r.flops or 0.0)):
+            share = f" ({100 * float(row.flops) / spent:.1f} % of the compute)" if spent > 0 and row.flops else ""
+            lines.append(f"- `{_cell(row.candidate)}`{share}: {_cell(row.reason or 'no reason recorded')}")
         lines.append("")
-    failed = [r for r in ranking if r["status"] == "failed"]
+    failed = [r for r in ranking if r.status == "failed"]
     if failed:
         lines += ["## Failed candidates", ""]
         for row in failed:
-            lines.append(f"- `{_cell(row['candidate'])}`: {_cell(row.get('error') or 'unknown error')}")
+            lines.append(f"- `{_cell(row.candidate)}`: {_cell(row.error or 'unknown error')}")
         lines.append("")
 
     sizes = sorted({d for losses in by_cand.values() for d in losses})
@@ -217,8 +189,8 @@ def render_markdown(
         lines += ["## Observed test loss", "", "| candidate | " + " | ".join(f"D={d}" for d in sizes) + " |",
                   "|---|" + "---:|" * len(sizes)]
         for row in ranking:
-            seen = by_cand.get(row["candidate"], {})
-            lines.append(f"| `{_cell(row['candidate'])}` | " + " | ".join(_num(seen.get(d)) for d in sizes) + " |")
+            seen = by_cand.get(row.candidate, {})
+            lines.append(f"| `{_cell(row.candidate)}` | " + " | ".join(_num(seen.get(d)) for d in sizes) + " |")
         lines.append("")
     lines += ["![fitted curves](curves.png)", ""]
     return "\n".join(lines)
@@ -254,11 +226,11 @@ def _display_fits(losses: dict[str, dict[int, float]], grid: np.ndarray) -> dict
     return {c: pred[i] for i, c in enumerate(ids) if np.all(np.isfinite(pred[i]))}
 
 
-def _y_range(ranking: Sequence[Mapping[str, Any]], losses: dict[str, dict[int, float]]) -> tuple[float, float]:
+def _y_range(ranking: Sequence[RankingEntry], losses: dict[str, dict[int, float]]) -> tuple[float, float]:
     """Loss axis limits from the fine-tuned points and the predictions (zero-shot losses may be far above)."""
     values = [v for seen in losses.values() for d, v in seen.items() if d > 0]
     for row in ranking:
-        values += [float(v) for v in [row.get("predicted_loss"), *(row.get("interval") or [])]
+        values += [float(v) for v in [row.predicted_loss, *row.interval]
                    if v is not None and math.isfinite(float(v))]
     if not values:
         values = [v for seen in losses.values() for v in seen.values()] or [0.0, 1.0]
@@ -279,7 +251,7 @@ def _colours(n: int) -> list:
 
 
 def plot_curves(
-    selection: Mapping[str, Any],
+    selection: Selection,
     probes: Sequence[Mapping[str, Any]],
     target_samples: int,
     fitted: Fitted | None = None,
@@ -297,7 +269,7 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ranking = list(selection["ranking"])
+    ranking = selection.ranking
     losses = _losses(probes)
     positive = sorted(d for seen in losses.values() for d in seen if d > 0)
     start = positive[0] if positive else max(1, target_samples // 1000)
@@ -309,13 +281,13 @@ def plot_curves(
     y_lo, y_hi = _y_range(ranking, losses)
     fig, (ax, side) = plt.subplots(1, 2, figsize=(15, 6.5), dpi=110, gridspec_kw={"width_ratios": [2.7, 1]})
     colours = _colours(len(ranking))
-    _plot_ranking(side, ranking, colours, selection.get("selected"), target_samples)
+    _plot_ranking(side, ranking, colours, selection.selected, target_samples)
     for i, (row, colour) in enumerate(zip(ranking, colours)):
-        cand = row["candidate"]
+        cand = row.candidate
         seen = losses.get(cand, {})
         background = colour == GREY
-        alpha = 0.3 if background else 1.0 if row["status"] == "finished" else 0.55
-        lw = 1.8 if cand == selection["selected"] else 0.6 if background else 1.0
+        alpha = 0.3 if background else 1.0 if row.status == "finished" else 0.55
+        lw = 1.8 if cand == selection.selected else 0.6 if background else 1.0
         z = 1 if background else 3
         if seen:
             ds = sorted(seen)
@@ -334,8 +306,8 @@ def plot_curves(
         elif cand in display and d_max > 0:
             beyond = grid >= d_max
             ax.plot(grid[beyond], display[cand][beyond], ":", color=colour, lw=0.8, alpha=alpha, zorder=z)
-        pred = row.get("predicted_loss")
-        if pred is not None and math.isfinite(float(pred)) and not background:
+        pred = row.predicted_loss
+        if row.has_prediction and not background:
             x = target_samples * (1 + 0.04 * ((i % 7) - 3))  # spread overlapping markers a little
             ax.plot([x], [float(pred)], "s", color=colour, ms=5, alpha=alpha, zorder=4)
     ax.set_ylim(y_lo, y_hi)
@@ -351,7 +323,7 @@ def plot_curves(
                   + ("dashed: the predictor's extrapolation" if fitted else "dotted: its extrapolation")
                   + "; squares: predicted loss at D* (intervals in the right panel)", fontsize=8)
     ax.set_ylabel("test loss")
-    selected = selection.get("selected")
+    selected = selection.selected
     ax.set_title(f"observed losses, fitted curves and predictions at D*; selected: {selected}" if selected
                  else "observed losses and fitted curves")
     ax.grid(True, which="major", alpha=0.25)
@@ -362,32 +334,31 @@ def plot_curves(
     return buf.getvalue()
 
 
-def _plot_ranking(ax: Any, ranking: Sequence[Mapping[str, Any]], colours: list, selected: str | None,
+def _plot_ranking(ax: Any, ranking: Sequence[RankingEntry], colours: list, selected: str | None,
                   target_samples: int) -> None:
     """The ranking panel: each candidate's predicted loss at D* and its interval, in ranking order
     (the first MAX_RANKED), coloured as in the curves panel; hollow markers for pruned candidates."""
     import matplotlib.ticker
 
-    predicted = [(row, colour) for row, colour in zip(ranking, colours)
-                 if row.get("predicted_loss") is not None and math.isfinite(float(row["predicted_loss"]))]
+    predicted = [(row, colour) for row, colour in zip(ranking, colours) if row.has_prediction]
     rows = predicted[:MAX_RANKED]
     if not rows:
         ax.text(0.5, 0.5, "no candidate has a prediction", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return
     for k, (row, colour) in enumerate(rows):
-        pred = float(row["predicted_loss"])
-        lo, hi = (list(row.get("interval") or []) + [None, None])[:2]
+        pred = float(row.predicted_loss)
+        lo, hi = row.interval
         if lo is not None and hi is not None and math.isfinite(float(lo)) and math.isfinite(float(hi)):
-            ax.plot([float(lo), float(hi)], [k, k], "-", color=colour, lw=2.2 if row["candidate"] == selected else 1.2)
-        finished = row["status"] == "finished"
+            ax.plot([float(lo), float(hi)], [k, k], "-", color=colour, lw=2.2 if row.candidate == selected else 1.2)
+        finished = row.status == "finished"
         ax.plot([pred], [k], "s" if finished else "o", color=colour, ms=6, mfc=colour if finished else "white")
     if selected is not None:
-        best = next((float(r["predicted_loss"]) for r, _ in rows if r["candidate"] == selected), None)
+        best = next((float(r.predicted_loss) for r, _ in rows if r.candidate == selected), None)
         if best is not None:
             ax.axvline(best, color="black", ls=":", lw=0.8)
-    ax.set_yticks(range(len(rows)), [f"{r['candidate']} ({r['status']}"
-                                     + (f" at {r['pruned_at']:,}" if r.get("pruned_at") is not None else "") + ")"
+    ax.set_yticks(range(len(rows)), [f"{r.candidate} ({r.status}"
+                                     + (f" at {r.pruned_at:,}" if r.pruned_at is not None else "") + ")"
                                      for r, _ in rows], fontsize=7)
     ax.set_xscale("log")  # the intervals are multiplicative: symmetric about the prediction here
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
@@ -403,7 +374,7 @@ def _plot_ranking(ax: Any, ranking: Sequence[Mapping[str, Any]], colours: list, 
     ax.set_xlabel("test loss: square = finished, circle = pruned; line = interval", fontsize=8)
     for label, (row, colour) in zip(ax.get_yticklabels(), rows):  # last: the calls above remake the labels
         label.set_color(colour if colour != GREY else "dimgrey")
-        if row["candidate"] == selected:
+        if row.candidate == selected:
             label.set_fontweight("bold")
 
 

@@ -337,13 +337,13 @@ def finish(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: Ba
     earlier = _finished_compute(store)
     selection, selector, curves, records = rank(config, store, grid, backend, replay, wall_seconds)
     if earlier is not None and earlier.get("wall_seconds") is not None:
-        selection["compute"]["wall_seconds"] = float(earlier["wall_seconds"])
-        selection["compute"]["resume_wall_seconds"] = [*earlier.get("resume_wall_seconds", []), wall_seconds]
-    selection["output"] = store.uri
+        selection.compute.wall_seconds = float(earlier["wall_seconds"])
+        selection.compute.resume_wall_seconds = [*earlier.get("resume_wall_seconds", []), wall_seconds]
+    selection.output = store.uri
     store.write_parquet(records)
     fitted = predictor_curves(selector, curves, config.target_samples)  # the plot shows the ranking's own fits
     write_report(store, selection, records, config.target_samples, fitted=fitted)
-    return selection
+    return selection.to_dict()
 
 
 def _finished_compute(store: ProbeStore) -> Optional[dict]:

@@ -16,9 +16,9 @@ from lensray.engine.ntk import (
     features_from_gram,
     ntk_features,
     ntk_residual_norm,
-    residual_norm_from_spectrum,
     sketch_per_sample_gradients,
 )
+from lensray.core.ntk_term import residual_norm
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -275,8 +275,8 @@ def test_features_api_and_dict_roundtrip():
     d = json.loads(json.dumps(feats.to_dict()))
     assert d["F"] == pytest.approx(feats.F) and d["sketch_dim"] == 2048 and len(d["top_eigenvalues"]) == 8
     stored = (d["eigenvalues"], d["coefficients"])  # what a stored probe's ntk gives without torch
-    assert residual_norm_from_spectrum(*stored, d["learning_rate"], 200) == pytest.approx(feats.F_at(200))
-    assert residual_norm_from_spectrum(*stored, 1e-3, 200) == pytest.approx(feats.F_at(100))
+    assert residual_norm(*stored, d["learning_rate"], 200) == pytest.approx(feats.F_at(200))
+    assert residual_norm(*stored, 1e-3, 200) == pytest.approx(feats.F_at(100))
 
 
 def test_list_of_samples_matches_padded_batch():

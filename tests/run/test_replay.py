@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lensray.core.curves import load_curves_csv
-from lensray.run.report import check_selection
+from lensray.run.results import Selection
 from lensray.run.screen import screen
 from lensray.run.config import replay_config
 from lensray.run.store import ProbeStore
@@ -39,7 +39,7 @@ def _replay(csv, out, max_samples, resume=False, concurrent=None):
 def test_replay_synthetic_zoo_end_to_end(ray_local, tmp_path):
     csv = write_curves_csv(synthetic_zoo(16, seed=7), tmp_path / "zoo.csv")
     sel, curves = _replay(csv, tmp_path / "out", 6400)
-    check_selection(sel)
+    Selection.from_dict(sel)  # the selection.json schema
     out = tmp_path / "out"
     assert json.loads((out / "selection.json").read_text())["selected"] == sel["selected"]
     for name in ("report.md", "curves.png", "probes.parquet", "config.yaml"):
@@ -78,7 +78,7 @@ def test_replay_skips_missing_losses_and_bills_only_sized_rows(ray_local, tmp_pa
     err = capsys.readouterr().err
     assert f"row '{zoo.ids[1]}' column '1600'" in err and "1 loss(es) missing" in err
     assert f"no size for 1 candidate(s) ({zoo.ids[3]})" in err
-    check_selection(sel)
+    Selection.from_dict(sel)  # the selection.json schema
     rows = {e["candidate"]: e for e in sel["ranking"]}
     assert all(e["status"] != "failed" for e in sel["ranking"])  # a hole is not a failure
     probes = {(r["candidate"], r["n_samples"]) for r in ProbeStore(str(tmp_path / "out")).get_all()}
@@ -112,7 +112,7 @@ def test_replay_benchmark_tables_keep_the_best(ray_local, benchmarks_dir, tmp_pa
     # one trial at a time: the order of reports, and so every decision, is deterministic (with
     # several at once it depends on timing; benchmarks/replay_scale.py orderings measures that)
     sel, _ = _replay(benchmarks_dir / f"{table}.csv", tmp_path / table, 25600, concurrent=1)
-    check_selection(sel)
+    Selection.from_dict(sel)  # the selection.json schema
     full = load_curves_csv(benchmarks_dir / f"{table}.csv")
     true = full.loss_at(TARGET)
     best = full.ids[int(np.argmin(true))]

@@ -9,14 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lensray.run.report import (
-    COMPUTE_KEYS,
-    RANKING_KEYS,
-    check_selection,
-    predictor_curves,
-    render_markdown,
-    write_report,
-)
+from lensray.run.report import predictor_curves, render_markdown, write_report
+from lensray.run.results import COMPUTE_KEYS, RANKING_KEYS, Compute, RankingEntry, Selection
 from lensray.run.store import ProbeStore
 
 TARGET = 51_200
@@ -42,7 +36,7 @@ def run(tmp_path):
 
     def row(cand, status, loss=None, lo=None, hi=None, pruned_at=None, error=None, **extra):
         return {"candidate": cand, "status": status, "predicted_loss": loss, "interval": [lo, hi],
-                "pruned_at": pruned_at, "params": 1.2e8, "flops": 1e10, "error": error, **extra}
+                "pruned_at": pruned_at, "params": {"B": 20.0, "D_l": 5.0, "beta": 0.5, "E": 1.0}, "flops": 1e10, "error": error, **extra}
 
     selection = {
         "selected": "org/alpha",
@@ -113,21 +107,37 @@ def test_supplied_fits_are_drawn_and_table_cells_escaped(run):
 def test_bad_selection_dict_is_refused(run):
     store, selection = run
     with pytest.raises(ValueError, match="compute"):
-        check_selection({"selected": None, "ranking": []})
+        Selection.from_dict({"selected": None, "ranking": []})
     bad = {**selection, "ranking": [{k: v for k, v in selection["ranking"][0].items() if k != "interval"}]}
     with pytest.raises(ValueError, match=r"ranking\[0\].*interval"):
         write_report(store, bad, [], TARGET)
     bad = {**selection, "ranking": [selection["ranking"][0] | {"status": "paused"}]}
-    with pytest.raises(ValueError, match="status"):
-        check_selection(bad)
+    with pytest.raises(ValueError, match=r"ranking\[0\]\.status"):
+        Selection.from_dict(bad)
+    bad = {**selection, "ranking": [selection["ranking"][0] | {"params": [20.0, 0.5]}]}  # unnamed parameters
+    with pytest.raises(ValueError, match=r"ranking\[0\]\.params"):
+        Selection.from_dict(bad)
 
 
-def test_markdown_renders_fitted_params_and_missing_values(run):
+def test_selection_round_trips_through_its_dict(run):
+    _, selection = run
+    typed = Selection.from_dict(selection)
+    assert isinstance(typed.ranking[0], RankingEntry) and isinstance(typed.compute, Compute)
+    again = typed.to_dict()
+    assert Selection.from_dict(again) == typed
+    assert again["ranking"][0]["params"] == {"B": 20.0, "D_l": 5.0, "beta": 0.5, "E": 1.0}
+    assert again["ranking"][3]["reason"].startswith("optimistic") and "uncharged" not in again["compute"]
+
+
+def test_markdown_renders_fitted_params_by_name_and_notes(run):
     _, selection = run
     selection["ranking"][0]["params"] = {"B": 20.0, "beta": 0.5}
     selection["ranking"][1]["params"] = None
-    md = render_markdown(selection, [], TARGET, "t")
+    selection["predictor"] = "lensllm"
+    selection["notes"] = ["lensllm: phase mode"]
+    md = render_markdown(Selection.from_dict(selection), [], TARGET, "t")
     assert "B=20, beta=0.5" in md and "| – |" in md
+    assert "Predictor `lensllm`: lensllm: phase mode." in md
 
 
 def test_no_secret_in_any_output(run, monkeypatch):
@@ -218,6 +228,7 @@ def test_ranking_panel_lists_predictions_in_ranking_order():
         {"candidate": "c", "status": "pruned", "predicted_loss": 2.4, "interval": [1.9, 3.1], "pruned_at": 1600},
         {"candidate": "d", "status": "failed", "predicted_loss": None, "interval": [None, None], "pruned_at": None},
     ]
+    ranking = [RankingEntry(**r, params=None, flops=0.0, error=None) for r in ranking]
     fig, ax = plt.subplots()
     _plot_ranking(ax, ranking, _colours(len(ranking)), "a", 51200)
     labels = [t.get_text() for t in ax.get_yticklabels()]
