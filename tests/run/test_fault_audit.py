@@ -405,7 +405,7 @@ def test_unreachable_hub_dataset_exits_2_naming_task_source_before_ray(tmp_path,
 
 
 def test_relative_output_inside_a_ray_job_is_refused(tmp_path, capsys, monkeypatch, no_ray):
-    from lensray.cli.screen import JOB_ENV
+    from lensray.run.config import JOB_ENV
 
     csv = str(write_curves_csv(synthetic_zoo(4, seed=2), tmp_path / "zoo.csv"))
     replay = ["screen", "--replay", csv, "--max-samples", "3200", "--plan"]
