@@ -16,6 +16,8 @@ from typing import Any
 from lensray.errors import LensrayInputError
 from lensray.engine.probe import ProbeConfig, ProbeRunner
 
+DEVICES = ("auto", "cpu", "cuda")
+
 
 def parse_sizes(text: str) -> list[int]:
     """``"0,200,400"`` -> [0, 200, 400]; sizes must be distinct non-negative integers."""
@@ -38,7 +40,8 @@ def _validated(cls: Any, raw: Any, spec: str, section: str) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(x) for x in err["loc"])
-        raise LensrayInputError(f"--task {spec}: {section}.{field}: {err['msg']}") from None
+        got = f" (got {err['input']!r:.60})" if "input" in err and not isinstance(err["input"], (dict, list)) else ""
+        raise LensrayInputError(f"--task {spec}: {section}.{field}: {err['msg']}{got}") from None
 
 
 def load_configs(spec: str) -> tuple[Any, dict[str, Any]]:
@@ -91,13 +94,15 @@ def _table(results: list[dict[str, Any]]) -> str:
 def cli_main(args: argparse.Namespace) -> int:
     """Run the probes; print a table, or one JSON object with ``--json``."""
     sizes = parse_sizes(args.sizes)
+    if args.device not in DEVICES:
+        raise LensrayInputError(f"--device: must be one of {', '.join(DEVICES)}, got {args.device!r}")
     task, settings = load_configs(args.task)
     if args.device != "auto" or "device" not in settings:  # flags override the YAML's probe section
         settings["device"] = args.device
     if args.seed != 0 or "seed" not in settings:
         settings["seed"] = args.seed
     settings["ntk"] = bool(args.ntk or settings.get("ntk", False))
-    probe = ProbeConfig(**settings)
+    probe = _validated(ProbeConfig, settings, args.task, "probe")
     runner = ProbeRunner(args.model, task, probe).load()
     runner.data.subset(sizes[-1])  # a size larger than the train split fails here, before any training
     if not args.json:

@@ -41,7 +41,10 @@ def replay_config(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.config is not None:
         # the config's settings (predictor, pruning, ...) on the table's zoo unless it lists its own
         given = _read_yaml(args.config)
-        config = load_config({**base, **given, "grid": {**base["grid"], **given.get("grid", {})}}, overrides,
+        grid = given.get("grid", {})
+        if not isinstance(grid, dict):
+            raise LensrayInputError(f"grid: must be a mapping of grid settings (got {grid!r:.60})")
+        config = load_config({**base, **given, "grid": {**base["grid"], **grid}}, overrides,
                              check_task=False)
         missing = [c.id for c in config.zoo if c.id not in curves.ids]
         if missing:
