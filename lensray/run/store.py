@@ -175,6 +175,8 @@ def _within(seconds: float, uri: str, work: Any) -> None:
         return
     if not isinstance(exc, (LensrayInputError, OSError, pa.ArrowException, ValueError)):
         raise exc
+    if isinstance(exc, LensrayInputError) and str(exc).startswith("storage.path: cannot open"):
+        raise exc  # not a URI pyarrow can open: already one clear line
     detail = one_line(exc, 300).removeprefix("storage.path: ")
     low = detail.lower()
     why = ("no credentials: " if "credential" in low else

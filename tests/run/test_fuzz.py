@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from lensray.cli.main import main
 from lensray.run.store import DAMAGED_MARK, ProbeStore, candidate_key
 
-FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TINY = "tiny:gpt2:n_layer=1,n_embd=32"
 GRID = [0, 200, 400, 800, 1600, 3200]
@@ -127,9 +127,15 @@ def _set(data: dict, key: str, value) -> None:
     node[parts[-1]] = value
 
 
+VALID_EDITS = st.sampled_from([
+    ("predictor.level", 0.8), ("pruning.top_k", 1), ("pruning.scout", False), ("probe.epochs", 2.5),
+    ("task.template", "Q: {input}"), ("tokens_per_sample", 50), ("predictor.method", "rectified"),
+    ("grid.zero_shot", False), ("ray.num_cpus", 2), ("name", "x"), ("target_samples", 10**7),
+])
 configs = st.one_of(
     st.lists(st.tuples(st.sampled_from(CONFIG_KEYS), st.one_of(hostile, TEMPLATES)), max_size=3).map(
         lambda edits: ("edits", edits)),
+    st.lists(VALID_EDITS, max_size=3).map(lambda edits: ("edits", edits)),
     st.text(max_size=40).map(lambda text: ("text", text)),
 )
 
@@ -162,6 +168,11 @@ cells = st.one_of(
 
 @st.composite
 def tables(draw):
+    if draw(st.booleans()):  # a valid table, holes allowed
+        rows = [[cid, *[draw(st.sampled_from(["", f"{3.0 - 0.1 * k - 1e-4 * d:.4f}"])) if d > 200 else
+                        f"{3.0 - 0.1 * k:.4f}" for d in GRID], draw(st.sampled_from(["", "1e7", "3e9"])), "f"]
+                for k, cid in enumerate(IDS)]
+        return ["config name", *map(str, GRID), "size", "family"], rows
     n_cols = draw(st.integers(1, 7))
     ds = draw(st.lists(st.sampled_from(GRID + [6400, -5, 1.5]), min_size=n_cols, max_size=n_cols))
     header = ["config name", *map(str, ds), "size", "family"]
@@ -284,6 +295,9 @@ def test_fuzz_task_rows_and_templates(capsys, spec):
     """A local task file (constant, empty, non-text or missing columns) and a random template:
     screening config planned (the task is loaded and sized before any Ray work)."""
     rows, task = spec
+    if not rows and task.get("test_size") == 8:  # the valid shape: text rows, a usable template
+        rows = [{"input": f"q{i}", "target": f"a{i}"} for i in range(120)]
+        task = {"source": "ROWS", "test_size": 8, "validation_size": 4, "template": "Q: {input!s}\nA:"}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "rows.jsonl"
@@ -302,8 +316,8 @@ ARGS = {
     "probe": {"--model": st.sampled_from(PROBE_MODELS), "--sizes": st.sampled_from(["0", "-1", "a", "0,0", "", "5,x"]),
               "--device": st.sampled_from(["cpu", "tpu", "auto", ""]), "--seed": st.sampled_from(["1", "x", "-1"]),
               "--task": st.sampled_from(["synthetic", "nope.yaml", ""])},
-    "benchmark": {"--curves": st.sampled_from(["T", "nope.csv", ""]), "--ratios": st.sampled_from(["8", "0", "a", "2,2"]),
-                  "--methods": st.sampled_from(["zeroshot", "nope", "", "zeroshot,zeroshot"]),
+    "benchmark": {"--curves": st.sampled_from(["T", "nope.csv", ""]), "--ratios": st.sampled_from(["2,4", "8", "0", "a", "2,2"]),
+                  "--methods": st.sampled_from(["zeroshot", "modelsize", "nope", "", "zeroshot,zeroshot"]),
                   "--target": st.sampled_from(["3200", "0", "-5", "x"])},
     "screen": {"--replay": st.sampled_from(["T", "nope.csv"]), "--max-samples": st.sampled_from(["3200", "0", "x"]),
                "--target-samples": st.sampled_from(["100", "-1", "10000000000000"]), "--resume": st.just(None),
@@ -314,6 +328,11 @@ ARGS = {
 @st.composite
 def argvs(draw):
     command = draw(st.sampled_from(sorted(ARGS)))
+    if draw(st.integers(0, 3)) == 0:  # a valid command line
+        return {"benchmark": ["benchmark", "--curves", "T", "--methods", "zeroshot", "--ratios", "2", "--target",
+                              "3200", "--json"],
+                "screen": ["screen", "--replay", "T", "--max-samples", "3200", "--plan", "--out", "OUT"],
+                "probe": ["probe", "--model", draw(st.sampled_from(PROBE_MODELS)), "--sizes", "0"]}[command]
     flags = draw(st.lists(st.sampled_from(sorted(ARGS[command])), unique=True, max_size=4))
     argv = [command]
     for flag in flags:
