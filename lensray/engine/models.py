@@ -93,7 +93,33 @@ def parse_tiny_id(model_id: str) -> tuple[str, dict[str, Any]]:
             opts[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
             opts[key.strip()] = value
+    for key, value in opts.items():
+        default = 0 if key in ("seed", "pretrain") else _TINY_DEFAULTS[family].get(_ALIASES.get(key, {}).get(family, key))
+        if default is not None:
+            _check_option(model_id, key, value, default, minimum=0 if key in ("seed", "pretrain") else None)
     return family, opts
+
+
+def _check_option(model_id: str, key: str, value: Any, default: Any, minimum: Optional[float] = None) -> None:
+    """Raise unless a tiny option has the type of its default: an int (>= 1 for sizes, unless
+    ``minimum``), a finite number >= 0, a bool or a string."""
+    import math
+
+    def bad(what: str) -> LensrayInputError:
+        return LensrayInputError(f"model {model_id!r}: option {key}={value!r} must be {what}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif isinstance(default, int):
+        low = 1 if minimum is None else minimum
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise bad(f"an integer >= {low}")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise bad("a finite number >= 0")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise bad("a string")
 
 
 def _tiny_config(family: str, opts: dict[str, Any], tokenizer: Any, model_id: str) -> Any:
@@ -103,17 +129,24 @@ def _tiny_config(family: str, opts: dict[str, Any], tokenizer: Any, model_id: st
     for key, value in opts.items():
         fields[_ALIASES.get(key, {}).get(family, key)] = value
     cls = transformers.AutoConfig.for_model(family).__class__
-    known = set(cls().to_dict())
-    unknown = sorted(set(fields) - known)
+    known = cls().to_dict()
+    unknown = sorted(set(fields) - set(known))
     if unknown:
         raise LensrayInputError(f"model {model_id!r}: unknown {family} config option(s) {unknown}")
+    for key, value in opts.items():
+        name = _ALIASES.get(key, {}).get(family, key)
+        if name not in _TINY_DEFAULTS[family] and known.get(name) is not None:
+            _check_option(model_id, key, value, known[name], minimum=-2**31)
     ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if family in ("t5", "bart"):
         ids["decoder_start_token_id"] = tokenizer.pad_token_id if family == "t5" else tokenizer.eos_token_id
     if family == "bart":
         ids["forced_eos_token_id"] = tokenizer.eos_token_id
-    return cls(**fields, **ids)
+    try:
+        return cls(**fields, **ids)
+    except Exception as exc:  # noqa: BLE001 - transformers validates configs with many error types
+        raise LensrayInputError(f"model {model_id!r}: not a valid {family} config: {one_line(exc, 200)}") from None
 
 
 def _pretrain(model: Any, tokenizer: Any, kind: Kind, steps: int, seed: int) -> None:
@@ -159,7 +192,10 @@ def ensure_tiny(model_id: str) -> Path:
     auto = transformers.AutoModelForSeq2SeqLM if config.is_encoder_decoder else transformers.AutoModelForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = auto.from_config(config)
+        try:
+            model = auto.from_config(config)
+        except (ValueError, TypeError, AssertionError, RuntimeError) as exc:  # e.g. a width not divisible by the heads
+            raise LensrayInputError(f"model {model_id!r}: cannot be built: {one_line(exc, 200)}") from None
         if pretrain:
             _pretrain(model, tokenizer, "seq2seq" if config.is_encoder_decoder else "causal", pretrain, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -54,13 +54,20 @@ from lensray.engine.data import Encoded, TaskConfig, TaskData, collate, count_to
 from lensray.errors import LensrayInputError, one_line
 
 
-class ProbeConfig(BaseModel):
-    """Hyper-parameters of one probe fine-tune (the same for every candidate and size)."""
+MAX_EPOCHS = 1000
+"""Most passes over a subset a probe may make."""
 
-    model_config = ConfigDict(extra="forbid")
+
+class ProbeConfig(BaseModel):
+    """Hyper-parameters of one probe fine-tune (the same for every candidate and size).
+
+    Numbers must be finite (``.inf`` and ``.nan`` are refused) and within the stated bounds.
+    """
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     learning_rate: float = Field(3e-4, gt=0, description="peak learning rate of AdamW")
-    epochs: float = Field(3.0, gt=0, description="passes over the subset (fractions allowed)")
+    epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS, description=f"passes over the subset (fractions allowed, at most {MAX_EPOCHS})")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="learning-rate decay after warmup")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="share of the steps with linear warmup")
     micro_batch: int = Field(16, ge=1, description="samples per forward/backward pass")

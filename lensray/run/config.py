@@ -34,7 +34,9 @@ MAX_GRID_POINTS = 64
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Unknown keys and non-finite numbers (``.inf``, ``.nan``) are refused in every section."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RayConfig(_Model):
@@ -58,7 +60,7 @@ class GridConfig(_Model):
     """The nested subset sizes probed: start, start*factor, ... <= max_samples (and 0 if zero_shot)."""
 
     start: int = Field(200, ge=1, description="smallest non-zero subset size")
-    factor: float = Field(2.0, gt=1.0, allow_inf_nan=False, description="growth factor between consecutive sizes")
+    factor: float = Field(2.0, gt=1.0, description="growth factor between consecutive sizes")
     max_samples: int = Field(3200, ge=1, description="largest subset size probed: the budget D_max")
     zero_shot: bool = Field(True, description="also evaluate the candidate before fine-tuning (D = 0)")
 
@@ -358,6 +360,13 @@ def _check_semantics(config: ScreenConfig) -> None:
         if redact(cand.id) != cand.id:  # ids are written to every output, where secrets never go
             raise LensrayInputError(f"zoo[{i}].id: holds the value of a secret environment variable; choose another id")
         seen[cand.id] = i
+        if cand.source.startswith("tiny:"):
+            from lensray.engine.models import parse_tiny_id
+
+            try:
+                parse_tiny_id(cand.source)
+            except LensrayInputError as exc:
+                raise LensrayInputError(f"zoo[{i}].model: {exc}") from None
         if cand.strategy == "fsdp" and cand.workers > 1 and config.probe.ntk:
             raise LensrayInputError(f"zoo[{i}].strategy: fsdp shards the parameters, the NTK features (probe.ntk, on "
                                     "by default with predictor lensllm) need whole per-sample gradients; use strategy "

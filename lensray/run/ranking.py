@@ -120,7 +120,7 @@ def plan_bill(config: ScreenConfig, out: Optional[str] = None, replay: Optional[
         "flops_full_tuning", "unsized", "task_unread"}`` (``tokens_from``: "probes", "task" or
         "assumed"; ``task_unread``: why the task could not be tokenised here, or None).
     """
-    store = ProbeStore(out or config.storage.path, check=False)
+    store = ProbeStore(out or config.storage.path, check=False, set_aside=False)  # a plan writes nothing
     grid = probe_grid(config, replay)
     plans = make_plan(config, store, grid, replay_gaps(replay, grid))
     info = candidate_info(config, replay)
@@ -213,9 +213,9 @@ def rank(config: ScreenConfig, store: ProbeStore, grid: list[int], backend: str,
         observed = {int(r["n_samples"]) for r in mine if is_ok(r)}
         status, reason, pruned_at, error = "finished", None, None, None
         if decision and decision["status"] == "failed":
-            status, error = "failed", decision["reason"]
+            status, error = "failed", str(decision.get("reason") or "failed")
         elif decision and decision["status"] == "pruned":
-            status, reason, pruned_at = "pruned", decision["reason"], decision["n_samples"]
+            status, reason, pruned_at = "pruned", str(decision.get("reason") or "pruned"), decision["n_samples"]
         elif not (expected := set(grid) - gaps.get(cid, set())) <= observed:
             status, error = "failed", f"incomplete: {len(observed)} of {len(expected)} probes stored"
         if status != "failed" and not pred.ok[i]:

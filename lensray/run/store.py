@@ -26,6 +26,7 @@ import numbers
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,10 @@ PROBES_DIR = "probes"
 TEMP_MARK = ".tmp-"
 READ_THREADS = 16
 MIN_FREE_BYTES = 64 * 2**20  # a local output location with less free space counts as full
+REACH_TIMEOUT_S = 10.0  # a remote location that has not answered by then is reported unreachable
+DAMAGED_MARK = ".damaged-"
+PROBE_STATUSES = ("ok", "diverged", "failed")
+_COUNTS = ("tokens", "flops", "wall_seconds", "train_seconds", "n_params", "steps", "peak_memory_bytes")
 CREDENTIAL_KEYS = ("access_key", "secret_key", "session_token")
 """Query keys of a pyarrow URI that carry credentials (refused: they would reach config.yaml and logs)."""
 
@@ -129,6 +134,71 @@ def _clean(obj: Any, secrets: list[str]) -> Any:
     return obj
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def record_problem(record: Any, stem: str, folder: str) -> str | None:
+    """What is wrong with a stored probe record read from ``<folder>/<stem>.json`` (None: nothing).
+
+    A record is a mapping with the ``candidate`` whose key is ``folder``, an integer
+    ``n_samples`` equal to ``stem``, a known ``status``, a finite positive ``test_loss`` when
+    the status is ``ok`` (None or such a number otherwise) and non-negative finite counts
+    (``tokens``, ``flops``, ...) or None.
+    """
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a mapping"
+    cand, n = record.get("candidate"), record.get("n_samples")
+    if not isinstance(cand, str) or candidate_key(cand) != folder:
+        return f"candidate {cand!r} does not belong in folder {folder}"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or str(n) != stem:
+        return f"n_samples {n!r} does not match the file name {stem}.json"
+    status = record.get("status", "ok")
+    if status not in PROBE_STATUSES:
+        return f"status {status!r} is not one of {', '.join(PROBE_STATUSES)}"
+    loss = record.get("test_loss")
+    if status == "ok" and not (_number(loss) and loss > 0):
+        return f"test_loss {loss!r} is not a finite positive number"
+    if loss is not None and not (_number(loss) and loss > 0):
+        return f"test_loss {loss!r} is neither null nor a finite positive number"
+    for key in _COUNTS:
+        value = record.get(key)
+        if value is not None and not (_number(value) and value >= 0):
+            return f"{key} {value!r} is neither null nor a finite number >= 0"
+    return None
+
+
+def _within(seconds: float, uri: str, work: Any) -> None:
+    """Run ``work()`` (which opens and checks ``uri``) in a thread; an input error when it fails or
+    does not finish within ``seconds`` (an unreachable endpoint otherwise hangs for minutes)."""
+    box: dict[str, BaseException] = {}
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="lensray-storage-check", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise LensrayInputError(f"storage.path: cannot reach {uri}: timed out after {seconds:g} s "
+                                "(no network, no credentials or a wrong endpoint)")
+    exc = box.get("error")
+    if exc is None:
+        return
+    if not isinstance(exc, (LensrayInputError, OSError, pa.ArrowException, ValueError)):
+        raise exc
+    if isinstance(exc, LensrayInputError) and str(exc).startswith("storage.path: cannot open"):
+        raise exc  # not a URI pyarrow can open: already one clear line
+    detail = one_line(exc, 300).removeprefix("storage.path: ")
+    low = detail.lower()
+    why = ("no credentials: " if "credential" in low else
+           "bucket missing: " if any(w in low for w in ("nosuchbucket", "does not exist", "not found", "404")) else "")
+    raise LensrayInputError(f"storage.path: cannot reach {uri}: {why}{detail}") from None
+
+
 class ProbeStore:
     """Probe results and outputs of one screening run.
 
@@ -138,6 +208,9 @@ class ProbeStore:
         Local folder (created if missing) or a URI that ``pyarrow.fs.FileSystem.from_uri`` opens.
     check
         Verify up front that the location is writable (write, read back and delete a sentinel).
+        A remote location must answer within ``REACH_TIMEOUT_S`` either way.
+    set_aside
+        Rename damaged probe files when reading them (False: only skip them, writing nothing).
 
     Raises
     ------
@@ -146,12 +219,24 @@ class ProbeStore:
         a file in the way, no credentials).
     """
 
-    def __init__(self, uri: str, check: bool = True):
+    def __init__(self, uri: str, check: bool = True, set_aside: bool = True):
+        self.set_aside = set_aside
+        if "://" in str(uri):
+            _within(REACH_TIMEOUT_S, str(uri), lambda: self._open_remote(str(uri), check))
+            return
         self.fs, self.root = self._open(str(uri))
         # a local path is made absolute: Ray workers run in other working directories
-        self.uri = str(uri) if "://" in str(uri) else self.root
+        self.uri = self.root
         if check:
             self.check_writable()
+
+    def _open_remote(self, uri: str, check: bool) -> None:
+        self.fs, self.root = self._open(uri)
+        self.uri = uri
+        if check:
+            self.check_writable()
+        else:
+            self.fs.get_file_info(self.root)  # a listing answers, or raises, or times out
 
     @staticmethod
     def _open(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -292,24 +377,40 @@ class ProbeStore:
         return [r for r in records if r is not None]
 
     def _read_record(self, path: str) -> dict | None:
+        """The record at ``path``, or None (with a warning) when it is unreadable or damaged.
+
+        A damaged file is set aside as ``<name>.damaged-<time>`` (``set_aside``), so that its
+        probe runs again and the file is kept for inspection.
+        """
         try:
             with self.fs.open_input_stream(path) as inp:
                 record = json.loads(inp.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
         except (OSError, pa.ArrowException, UnicodeDecodeError, ValueError) as exc:
-            log.warning("ignoring unreadable probe result %s: %s", path, one_line(exc))
-            return None
-        stem = path.rpartition("/")[2].removesuffix(".json")
-        folder = path.rpartition("/")[0].rpartition("/")[2]
-        if (
-            not isinstance(record, dict)
-            or not isinstance(record.get("candidate"), str)
-            or not isinstance(record.get("n_samples"), int)
-            or str(record["n_samples"]) != stem
-            or candidate_key(record["candidate"]) != folder
-        ):
-            log.warning("ignoring malformed probe result %s", path)
-            return None
-        return record
+            problem = f"unreadable: {one_line(exc, 200)}"
+        else:
+            stem = path.rpartition("/")[2].removesuffix(".json")
+            folder = path.rpartition("/")[0].rpartition("/")[2]
+            problem = record_problem(record, stem, folder)
+            if problem is None:
+                return record
+        self._set_aside(path, problem)
+        return None
+
+    def _set_aside(self, path: str, problem: str) -> None:
+        if not self.set_aside:
+            log.warning("ignoring damaged probe result %s (%s); a run probes it again", path, problem)
+            return
+        aside = f"{path}{DAMAGED_MARK}{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        try:
+            self.fs.move(path, aside)
+        except (OSError, pa.ArrowException) as exc:
+            log.warning("ignoring damaged probe result %s (%s); could not set it aside: %s", path, problem,
+                        one_line(exc, 200))
+            return
+        log.warning("damaged probe result %s (%s) set aside as %s; that probe runs again", path, problem,
+                    aside.rpartition("/")[2])
 
     def write_parquet(self, records: Iterable[Mapping[str, Any]] | None = None, name: str = "probes.parquet") -> str:
         """Write probe results (default: every stored one) as a Parquet table; returns its path.
@@ -390,8 +491,16 @@ def decision_name(candidate_id: str) -> str:
 
 
 def read_decision(store: ProbeStore, candidate_id: str) -> Optional[dict]:
-    """The stored pruned/failed decision of a candidate, if any."""
-    return _read_candidate_json(store, decision_name(candidate_id), candidate_id, "decision")
+    """The stored pruned/failed decision of a candidate, if any (a damaged one is ignored with a warning)."""
+    decision = _read_candidate_json(store, decision_name(candidate_id), candidate_id, "decision")
+    if decision is not None and decision.get("status") not in ("pruned", "failed", "retried"):
+        log.warning("ignoring decision of %s with status %r", candidate_id, decision.get("status"))
+        return None
+    if decision is not None and decision.get("status") == "pruned" and not (
+            isinstance(decision.get("n_samples"), int) and not isinstance(decision.get("n_samples"), bool)):
+        log.warning("ignoring pruning decision of %s without an integer n_samples", candidate_id)
+        return None
+    return decision
 
 
 def _read_candidate_json(store: ProbeStore, name: str, candidate_id: str, what: str) -> Optional[dict]:
