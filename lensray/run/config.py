@@ -268,7 +268,8 @@ def set_key(data: dict[str, Any], key: str, value: Any) -> None:
         if isinstance(part, int) and not (isinstance(node, list) and part < len(node)):
             raise LensrayInputError(f"{key}: {above} has no entry {part}")
         if isinstance(part, str) and not isinstance(node, dict):
-            raise LensrayInputError(f"{key}: {above} is a {type(node).__name__}, not a section")
+            raise LensrayInputError(f"{above}: must be a mapping of settings, got {type(node).__name__} {node!r:.40} "
+                                    f"(so {key} cannot be set)")
         if depth == len(parts) - 1:
             node[part] = value
         else:

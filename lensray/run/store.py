@@ -199,6 +199,15 @@ def _within(seconds: float, uri: str, work: Any) -> None:
     raise LensrayInputError(f"storage.path: cannot reach {uri}: {why}{detail}") from None
 
 
+def _refuse_credentials(uri: str) -> None:
+    """Credentials in a URI's query are refused: the URI is written to config.yaml and printed."""
+    query = uri.partition("?")[2] if "://" in uri else ""
+    keys = [k for k in CREDENTIAL_KEYS if re.search(rf"(^|&){k}=", query)]
+    if keys:
+        raise LensrayInputError(f"storage.path: credentials in the URI ({', '.join(keys)}) are refused; set "
+                                "them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
+
+
 class ProbeStore:
     """Probe results and outputs of one screening run.
 
@@ -221,6 +230,7 @@ class ProbeStore:
 
     def __init__(self, uri: str, check: bool = True, set_aside: bool = True):
         self.set_aside = set_aside
+        _refuse_credentials(str(uri))
         if "://" in str(uri):
             _within(REACH_TIMEOUT_S, str(uri), lambda: self._open_remote(str(uri), check))
             return
@@ -240,11 +250,6 @@ class ProbeStore:
 
     @staticmethod
     def _open(uri: str) -> tuple[pafs.FileSystem, str]:
-        query = uri.partition("?")[2] if "://" in uri else ""
-        keys = [k for k in CREDENTIAL_KEYS if re.search(rf"(^|&){k}=", query)]
-        if keys:  # the URI is written to config.yaml and printed: credentials come from the environment
-            raise LensrayInputError(f"storage.path: credentials in the URI ({', '.join(keys)}) are refused; set "
-                                    "them in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
         try:
             if "://" in uri:
                 fs, root = pafs.FileSystem.from_uri(uri)

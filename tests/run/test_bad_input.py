@@ -119,7 +119,7 @@ def test_bad_tiny_model_option_in_a_config_is_refused_before_ray(tmp_path, capsy
 
 def test_unknown_device(capsys):
     assert main(["probe", "--model", TINY, "--sizes", "0", "--device", "tpu"]) == 2
-    _one_error(capsys, "--device", "tpu")
+    _one_error(capsys, "probe.device", "tpu")
 
 
 @pytest.mark.parametrize("value", [".inf", ".nan", "-.inf", "1.0e9"])

@@ -49,7 +49,7 @@ def test_overrides_set_dotted_keys_and_list_entries():
     [
         ("grid.max_sampels", 800, "grid.max_sampels: unknown key; did you mean 'max_samples'?"),
         ("zoo[5].gpus", 1, "zoo[5].gpus: zoo has no entry 5"),
-        ("name.first", "x", "name.first: name is a str, not a section"),
+        ("name.first", "x", "name: must be a mapping of settings, got str 'n' (so name.first cannot be set)"),
         ("grid..start", 1, "grid..start: not a config key"),
         ("grid.max_samples", "lots", "grid.max_samples: Input should be a valid integer"),
     ],

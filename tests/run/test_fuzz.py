@@ -235,10 +235,9 @@ def test_fuzz_stored_records(capsys, recs):
     """Stored probe records with random JSON in their fields (or not JSON at all): a plan reads
     them and writes nothing; the store keeps every file (damaged ones set aside, unchanged)
     and the ranking fits what is valid."""
-    from lensray.cli.screen import replay_config
+    from lensray.run.config import replay_config
     from lensray.run.ranking import rank
     from lensray.run.store import make_plan
-    from argparse import Namespace
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -254,9 +253,7 @@ def test_fuzz_stored_records(capsys, recs):
         argv = ["screen", "--replay", str(table), "--max-samples", "3200", "--plan", "--out", str(root / "out")]
         assert _checked(root, lambda r: argv, capsys, "stored records (plan)", out="\0") == 0
         assert _tree(root / "out") == before  # a plan writes nothing, not even the set-aside renames
-        args = Namespace(replay=str(table), max_samples=3200, target_samples=None, out=str(root / "out"),
-                         address=None, config=None)
-        config, curves = replay_config(args)
+        config, curves = replay_config(table, None, {"grid.max_samples": 3200, "storage.path": str(root / "out")})
         plans = make_plan(config, store, GRID, None)
         rank(config, store, GRID, "replay", curves, 0.0)
         after = _tree(root / "out")
