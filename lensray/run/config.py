@@ -386,7 +386,7 @@ def check_train_size(config: ScreenConfig, n_train: int) -> None:
 def config_reference() -> str:
     """Markdown table of every config option: key, type, default and doc line.
 
-    The README's config reference is this table; ``tests/test_readme.py`` keeps them equal.
+    docs/CONFIG.md holds this table; ``tests/test_readme.py`` keeps them equal.
     """
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
 
