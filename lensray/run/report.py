@@ -226,17 +226,23 @@ def _display_fits(losses: dict[str, dict[int, float]], grid: np.ndarray) -> dict
     return {c: pred[i] for i, c in enumerate(ids) if np.all(np.isfinite(pred[i]))}
 
 
-def _y_range(ranking: Sequence[RankingEntry], losses: dict[str, dict[int, float]]) -> tuple[float, float]:
-    """Loss axis limits from the fine-tuned points and the predictions (zero-shot losses may be far above)."""
-    values = [v for seen in losses.values() for d, v in seen.items() if d > 0]
+LOG_SPAN = 4.0
+"""Above this ratio of the largest to the smallest loss in view, the loss axis is logarithmic."""
+
+
+def _y_range(ranking: Sequence[RankingEntry], losses: dict[str, dict[int, float]]) -> tuple[float, float, bool]:
+    """Loss axis limits that keep every observed point (zero-shot ones included) and every prediction
+    in view, and whether the axis is logarithmic (a zero-shot loss far above the fine-tuned ones)."""
+    values = [v for seen in losses.values() for v in seen.values() if math.isfinite(v)]
     for row in ranking:
         values += [float(v) for v in [row.predicted_loss, *row.interval]
                    if v is not None and math.isfinite(float(v))]
-    if not values:
-        values = [v for seen in losses.values() for v in seen.values()] or [0.0, 1.0]
+    values = values or [0.0, 1.0]
     lo, hi = min(values), max(values)
+    if lo > 0 and hi / lo > LOG_SPAN:
+        return lo / 1.1, hi * 1.25, True
     pad = 0.08 * (hi - lo) or 0.1 * abs(hi) or 0.1
-    return lo - pad, hi + 2 * pad
+    return lo - pad, hi + 2 * pad, False
 
 
 def _colours(n: int) -> list:
@@ -261,8 +267,10 @@ def plot_curves(
 
     Within the observed range each candidate gets a rectified-law fit of its points; beyond it, the
     ``fitted`` extrapolation when given (see :func:`predictor_curves`), else the rectified fit.
-    The x axis is logarithmic; the zero-shot point (D = 0) is drawn left of a separator at D = start/4
-    (a triangle on the top edge when it lies above the fine-tuned losses' range).
+    The x axis is logarithmic; the zero-shot point (D = 0) is drawn left of a separator at D = start/4.
+    Every observed point stays in view: the loss axis turns logarithmic when the losses span more
+    than :data:`LOG_SPAN` (a zero-shot loss far above the fine-tuned ones). A legend names the
+    coloured candidates.
     """
     import matplotlib
 
@@ -278,7 +286,7 @@ def plot_curves(
     display = _display_fits(losses, grid)
     fitted = fitted or {}
 
-    y_lo, y_hi = _y_range(ranking, losses)
+    y_lo, y_hi, log_y = _y_range(ranking, losses)
     fig, (ax, side) = plt.subplots(1, 2, figsize=(15, 6.5), dpi=110, gridspec_kw={"width_ratios": [2.7, 1]})
     colours = _colours(len(ranking))
     _plot_ranking(side, ranking, colours, selection.selected, target_samples)
@@ -291,10 +299,8 @@ def plot_curves(
         z = 1 if background else 3
         if seen:
             ds = sorted(seen)
-            ax.plot([d if d > 0 else x_zero for d in ds], [min(seen[d], y_hi) for d in ds], "o", color=colour, ms=4,
-                    alpha=alpha, zorder=z)
-            if seen.get(0, -math.inf) > y_hi:  # an off-scale zero-shot loss: a marker on the top edge
-                ax.plot([x_zero], [y_hi], "^", color=colour, ms=7, alpha=alpha, zorder=z)
+            ax.plot([d if d > 0 else x_zero for d in ds], [seen[d] for d in ds], "o", color=colour, ms=4,
+                    alpha=alpha, zorder=z, label=None if background else cand)
         d_max = max(seen, default=0)
         if cand in display and d_max > 0:
             inside = grid <= d_max
@@ -310,8 +316,12 @@ def plot_curves(
         if row.has_prediction and not background:
             x = target_samples * (1 + 0.04 * ((i % 7) - 3))  # spread overlapping markers a little
             ax.plot([x], [float(pred)], "s", color=colour, ms=5, alpha=alpha, zorder=4)
+    if log_y:
+        ax.set_yscale("log")
     ax.set_ylim(y_lo, y_hi)
     ax.set_xscale("log")
+    ax.legend(loc="lower left", fontsize=7, ncol=2 if len(ranking) > 8 else 1, framealpha=0.8,
+              title="candidates (ranking order)", title_fontsize=7)
     ax.axvline(target_samples, color="black", ls="--", lw=0.8)
     ax.axvline(start / 2.8, color="grey", lw=0.6)
     ax.annotate(f"D* = {target_samples:,}  ", (target_samples * 1.08, 0.98), xycoords=("data", "axes fraction"),
@@ -322,7 +332,7 @@ def plot_curves(
                   "solid: rectified-law fit of the observed points; "
                   + ("dashed: the predictor's extrapolation" if fitted else "dotted: its extrapolation")
                   + "; squares: predicted loss at D* (intervals in the right panel)", fontsize=8)
-    ax.set_ylabel("test loss")
+    ax.set_ylabel("test loss" + (" (log scale)" if log_y else ""))
     selected = selection.selected
     ax.set_title(f"observed losses, fitted curves and predictions at D*; selected: {selected}" if selected
                  else "observed losses and fitted curves")

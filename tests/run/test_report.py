@@ -239,3 +239,31 @@ def test_ranking_panel_lists_predictions_in_ranking_order():
     hollow = [ln for ln in ax.get_lines() if ln.get_marker() == "o"]
     assert len(hollow) == 1 and hollow[0].get_markerfacecolor() == "white" and hollow[0].get_ydata()[0] == 2
     plt.close(fig)
+
+
+def test_the_plot_keeps_every_point_in_view_and_names_the_candidates(run, monkeypatch):
+    """A zero-shot loss far above the fine-tuned ones is drawn inside the axes (a log loss axis),
+    and the legend names the candidates."""
+    import matplotlib.figure
+
+    from lensray.run.report import plot_curves
+    from lensray.run.results import Selection
+
+    store, selection = run
+    probes = [dict(r) for r in store.get_all()]
+    probes.append({"candidate": "org/alpha", "n_samples": 0, "status": "ok", "test_loss": 40.0})
+    seen = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        seen["axes"] = self.axes[0]
+        return real_savefig(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    plot_curves(Selection.from_dict(selection), probes, TARGET)
+    ax = seen["axes"]
+    lo, hi = ax.get_ylim()
+    losses = [r["test_loss"] for r in probes if r.get("test_loss") is not None]
+    assert ax.get_yscale() == "log" and lo <= min(losses) and max(losses) <= hi
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"org/alpha", "beta", "gamma", "delta"} <= set(labels)
