@@ -182,7 +182,8 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    """PearCorr and RelAcc vs budget ratio (log2 axis), one line per method, saved as PNG."""
+    """PearCorr and RelAcc vs budget ratio (log2 axis), one line per method, saved as PNG: lensray's in
+    colour, the others in greys with their own markers and dashes, nudged apart where they coincide."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -192,11 +193,24 @@ def plot(result: dict[str, Any], path: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows))
     ratios = sorted({r["ratio"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    markers = "osD^v<>ph*"
+    others = [m for m in methods if m != "lensray"]
     for ax, key, label in zip(axes, ("pearson", "relacc"), ("PearCorr (x100)", "RelAcc (x100)")):
         for m in methods:
             pts = sorted((r["ratio"], r[key]) for r in rows if r["method"] == m and r[key] is not None)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=m)
+            if not pts:
+                continue
+            if m == "lensray":  # lensray's own line: bold, in colour, on top
+                ax.plot(*zip(*pts), marker="o", color="crimson", lw=2.4, ms=6, label=m, zorder=5)
+                continue
+            k = others.index(m)
+            # the others in greys, each with its own marker and dash and a slight horizontal offset, so that
+            # methods whose figures coincide (often: rectified and lensllm with F free) stay visible
+            shift = 2 ** (0.04 * (k - (len(others) - 1) / 2))
+            xs, ys = zip(*pts)
+            ax.plot([x * shift for x in xs], ys, marker=markers[k % len(markers)], ms=5, lw=1.0,
+                    ls=("-", "--", "-.", ":")[k % 4], color=str(0.15 + 0.55 * k / max(1, len(others) - 1)),
+                    label=m, zorder=3, alpha=0.9)
         ax.set_xscale("log", base=2)
         ax.set_xticks(ratios, [f"1/{r}" for r in ratios])
         ax.set_xlabel("data budget D_max / D*")
