@@ -22,3 +22,10 @@ def benchmarks_dir() -> Path:
     if not (path / "flan.csv").is_file() or not (path / "wmt19.csv").is_file():
         pytest.skip(f"benchmark tables not found at {path} (set LENSRAY_BENCHMARKS)")
     return path
+
+
+@pytest.fixture()
+def lensray_cache(tmp_path_factory, monkeypatch):
+    """Tiny models built once per test session in a temporary cache; no injected faults."""
+    monkeypatch.setenv("LENSRAY_CACHE", str(tmp_path_factory.getbasetemp() / "lensray-cache"))
+    monkeypatch.delenv("LENSRAY_FAULTS", raising=False)

@@ -13,10 +13,7 @@ TASK = TaskConfig(synthetic_rows=400, test_size=32, validation_size=16, max_leng
 FAST = dict(learning_rate=3e-3, epochs=1, micro_batch=8, device="cpu", seed=0)
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LENSRAY_CACHE", str(tmp_path_factory.getbasetemp() / "lensray-cache"))
-    monkeypatch.delenv("LENSRAY_FAULTS", raising=False)
+pytestmark = pytest.mark.usefixtures("lensray_cache")
 
 
 @pytest.fixture(scope="module")

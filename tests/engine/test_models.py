@@ -13,9 +13,7 @@ from lensray.errors import LensrayInputError
 from lensray.engine.models import load_candidate, parameter_counts, parse_tiny_id
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LENSRAY_CACHE", str(tmp_path_factory.getbasetemp() / "lensray-cache"))
+pytestmark = pytest.mark.usefixtures("lensray_cache")
 
 
 def _logits(model, tok, kind):

@@ -36,10 +36,7 @@ N = 64
 REL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LENSRAY_CACHE", str(tmp_path_factory.getbasetemp() / "lensray-cache"))
-    monkeypatch.delenv("LENSRAY_FAULTS", raising=False)
+pytestmark = pytest.mark.usefixtures("lensray_cache")
 
 
 @pytest.fixture(scope="module")

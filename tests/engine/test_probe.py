@@ -16,10 +16,7 @@ TASK = TaskConfig(synthetic_rows=800, test_size=64, validation_size=16, max_leng
 FAST = dict(learning_rate=1e-3, epochs=1, micro_batch=8, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LENSRAY_CACHE", str(tmp_path_factory.getbasetemp() / "lensray-cache"))
-    monkeypatch.delenv("LENSRAY_FAULTS", raising=False)
+pytestmark = pytest.mark.usefixtures("lensray_cache")
 
 
 @pytest.fixture(scope="module")

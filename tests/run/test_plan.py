@@ -12,9 +12,7 @@ from lensray.run.ranking import plan_bill
 TASK = {"synthetic_rows": 600, "test_size": 32, "validation_size": 16, "max_length": 48}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("LENSRAY_CACHE", str(tmp_path_factory.getbasetemp() / "lensray-cache"))
+pytestmark = pytest.mark.usefixtures("lensray_cache")
 
 
 def test_plan_tokens_come_from_the_task_and_match_a_probe(tmp_path):
