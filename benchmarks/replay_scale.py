@@ -13,7 +13,7 @@ JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.run.scr
 
 ``tables`` replays both shared tables at the seven budget ratios r (max_samples = D*/r) and
 prints, per cell, the selected candidate's RelAcc, the saved compute fraction and whether the
-candidate truly best at D* was stopped (pruning safety, issue 5.8).
+candidate truly best at D* was stopped (pruning safety).
 
 ``orderings`` measures how much those figures depend on the order in which concurrent trials
 report. With several trials at once the scheduler judges each report against whatever the

@@ -1,4 +1,4 @@
-"""Audit of issue 5 (faults, bad input, untrusted models): the checks the other fault tests leave
+"""Faults, bad input and untrusted models: the checks the other fault tests leave
 out. Bad input and a bad output location fail with one line and exit 2 before Ray starts (a file
 task too small for the grid, an unwritable or full --out, YAML tags in a replay config); a
 truncated probe file is probed again on resume, never read; secret environment values reach no
