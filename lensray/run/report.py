@@ -320,8 +320,9 @@ def plot_curves(
         ax.set_yscale("log")
     ax.set_ylim(y_lo, y_hi)
     ax.set_xscale("log")
-    ax.legend(loc="lower left", fontsize=7, ncol=2 if len(ranking) > 8 else 1, framealpha=0.8,
-              title="candidates (ranking order)", title_fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a run where no candidate has a probe has nothing to name
+        ax.legend(loc="lower left", fontsize=7, ncol=2 if len(ranking) > 8 else 1, framealpha=0.8,
+                  title="candidates (ranking order)", title_fontsize=7)
     ax.axvline(target_samples, color="black", ls="--", lw=0.8)
     ax.axvline(start / 2.8, color="grey", lw=0.6)
     ax.annotate(f"D* = {target_samples:,}  ", (target_samples * 1.08, 0.98), xycoords=("data", "axes fraction"),
