@@ -15,7 +15,6 @@ against the memory allocated before them (the model); on a CPU the process's pea
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 
 from lensray.engine.data import collate, encode
 from lensray.engine.ntk import DEFAULT_SKETCH_DIM, ntk_features, per_sample_nll
-from probe_throughput import build, lm_rows, resolve_device
+from probe_throughput import build, lm_rows, print_figures, resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -91,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     out = measure(args)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:>24}: {v}")
+    print_figures(out, args.json)
     return 0
 
 

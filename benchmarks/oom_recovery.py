@@ -19,7 +19,6 @@ micro-batch larger than N fails).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch
 
 from lensray.engine.data import TaskConfig, TaskData
 from lensray.engine.probe import FaultInjector, ProbeConfig, ProbeRunner
-from probe_throughput import build, lm_rows, resolve_device
+from probe_throughput import build, lm_rows, print_figures, resolve_device
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,11 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     out = measure(args)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:>22}: {v}")
+    print_figures(out, args.json)
     return 0 if out["recovered"] else 1
 
 

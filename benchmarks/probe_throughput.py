@@ -162,6 +162,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def print_figures(out: dict[str, Any], as_json: bool) -> None:
+    """Print a benchmark's figures: one JSON object, or one ``name: value`` line each."""
+    if as_json:
+        print(json.dumps(out))
+        return
+    width = max(map(len, out), default=0)
+    for k, v in out.items():
+        print(f"{k:>{width}}: {v}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tiny:gpt2:n_layer=2,n_embd=64", help="gpt2-125m, llama-1b, or a candidate id")
@@ -177,12 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s of the device for MFU")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    out = measure(args)
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:>20}: {v}")
+    print_figures(measure(args), args.json)
     return 0
 
 
