@@ -32,8 +32,8 @@ What it builds (all under ``--work``, default ``runs/validation-zoo``; nothing t
    saved with ``save_pretrained`` (model and tokenizer) into ``models/<name>/`` and loaded back
    through the folder-id path every user's candidate takes (``ProbeRunner(<folder>)``).
 4. **Probes** through lensray's probe engine (``lensray.engine.probe.ProbeRunner``, no Ray) at
-   D = 0, 200, 400, ... ``--target`` (default 12800: the task's train pool holds about 21,800
-   rows), 2 epochs at learning rate 1e-3, with ``probe.ntk`` on: test loss and the NTK features of
+   D = 0, 50, 100, 200, ... ``--target`` (default 12800: the task's train pool holds about 21,800
+   rows; starting at 50 leaves 3 points below D*/64, so budgets r = 8 ... 64 of D* can be scored), 2 epochs at learning rate 1e-3, with ``probe.ntk`` on: test loss and the NTK features of
    each probe, one JSON per probe in ``probes/<name>/D<d>.json`` (written atomically); a
    re-run skips every probe, model and file that exists, so a killed run resumes.
 5. The **curves table** (``--out``): the columns of ``lensray.core.curves`` (``config name``,
@@ -512,8 +512,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/validation-zoo", help="folder of corpora, task, models and probes")
     p.add_argument("--out", default="benchmarks/data/validation_zoo.csv", help="curves table to write")
-    p.add_argument("--target", type=int, default=12800, help="D*, the largest probe (200 times a power of 2)")
-    p.add_argument("--start", type=int, default=200, help="smallest D > 0")
+    p.add_argument("--target", type=int, default=12800, help="D*, the largest probe (--start times a power of 2)")
+    p.add_argument("--start", type=int, default=50, help="smallest D > 0")
     p.add_argument("--only", default=None, help="comma-separated candidate names (default: the whole zoo)")
     p.add_argument("--pretrain-scale", type=float, default=1.0, help="multiply every candidate's pre-training steps")
     p.add_argument("--epochs", type=float, default=2.0, help="probe epochs")
