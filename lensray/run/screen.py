@@ -46,15 +46,15 @@ def _init_ray(config: ScreenConfig, store: ProbeStore) -> bool:
     """Connect to (or start) Ray; returns True when this call started it.
 
     Ray's own output (start-up notices, warnings, messages the cluster pushes) goes to ``ray.log``
-    in a local output folder, else to ``lensray-ray-<pid>.log`` in the temporary folder, not to
-    the user's terminal (:class:`~lensray.run.callbacks.ray_output_to`).
+    in a local output folder, else to ``lensray-ray-<pid>.log`` in ``$RAY_TMPDIR`` (else the
+    temporary folder), not to the user's terminal (:class:`~lensray.run.callbacks.ray_output_to`).
     """
     import ray
 
     if ray.is_initialized():
         return False
-    local = "://" not in store.uri
-    path = store.path("ray.log") if local else str(Path(tempfile.gettempdir()) / f"lensray-ray-{os.getpid()}.log")
+    temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    path = store.path("ray.log") if "://" not in store.uri else str(temp / f"lensray-ray-{os.getpid()}.log")
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     with ray_output_to(path):
         if config.ray.address:

@@ -128,3 +128,17 @@ def test_screen_keeps_rays_start_up_lines_out_of_the_terminal(tmp_path):
         assert line not in terminal
     log = (out / "ray.log").read_text()
     assert "Token authentication is enabled for this Ray cluster" in log and "Started a local Ray instance" in log
+
+
+def test_a_reader_that_left_is_no_traceback():
+    """Output to a pipe whose reader is gone (``lensray screen --plan | head``): exit 141, nothing on stderr."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        res = subprocess.run([sys.executable, "-m", "lensray", "screen", "--plan"], stdout=write, stderr=subprocess.PIPE, text=True,
+                             timeout=120)
+    finally:
+        os.close(write)
+    assert res.returncode == 141 and res.stderr == ""
