@@ -298,8 +298,6 @@ class ray_output_to:
         self.path = path
 
     def __enter__(self) -> "ray_output_to":
-        import ray._private.worker as worker
-
         ray_log = logging.getLogger("ray")
         for handler in list(ray_log.handlers):  # Ray's own prints to the terminal; an earlier run's file
             ray_log.removeHandler(handler)
@@ -311,8 +309,13 @@ class ray_output_to:
         ray_log.propagate = False
         self._last_resort = logging.lastResort
         logging.lastResort = _RayRecordsTo(self.handler, self._last_resort)
-        if not isinstance(worker.print_to_stdstream, _PushedMessages):
-            worker.print_to_stdstream = _PushedMessages(worker.print_to_stdstream)
+        try:
+            import ray._private.worker as worker
+        except ImportError:  # another Ray layout: its pushed messages print as Ray prints them
+            return self
+        printer = getattr(worker, "print_to_stdstream", None)
+        if callable(printer) and not isinstance(printer, _PushedMessages):
+            worker.print_to_stdstream = _PushedMessages(printer)
         return self
 
     def __exit__(self, *exc: Any) -> None:
