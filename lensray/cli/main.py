@@ -13,13 +13,16 @@ from typing import Callable, Sequence
 from lensray.errors import LensrayInputError, one_line
 
 
+BROKEN_PIPE = 141
+"""Exit code when the output's reader went away (128 + SIGPIPE, as a shell reports a killed writer)."""
 DESCRIPTION = "Pick the best pre-trained LLM to fine-tune for a task without fine-tuning them all."
 
 
 def _add_benchmark(sub: argparse._SubParsersAction) -> None:
     from lensray.core.selection import SELECTORS
 
-    p = sub.add_parser("benchmark", help="reproduce the papers' selection protocol on a curves table")
+    text = "reproduce the papers' selection protocol on a curves table"
+    p = sub.add_parser("benchmark", help=text, description=text)
     p.add_argument("--curves", required=True, help="CSV table of fine-tuning curves (models x D)")
     p.add_argument("--ratios", default="8,16,32,64,128,256,512", help="budget ratios r: a method sees D <= target/r")
     p.add_argument("--methods", default=None,
@@ -58,7 +61,8 @@ def _add_sets(p: argparse.ArgumentParser, shortcuts: dict[str, tuple[str, type, 
 
 
 def _add_probe(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("probe", help="fine-tune one candidate on nested subsets and print its curve")
+    text = "fine-tune one candidate on nested subsets and print its curve"
+    p = sub.add_parser("probe", help=text, description=text, epilog=_probe_choices())
     p.add_argument("--model", required=True, help="hub id or local folder of the candidate")
     p.add_argument("--task", default="synthetic", help="task YAML file, or 'synthetic' for the built-in task")
     p.add_argument("--sizes", default="0,200,400,800", help="comma-separated subset sizes (0 = zero-shot)")
@@ -71,6 +75,13 @@ def _add_probe(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("lensray.cli.probe", "cli_main"))
 
 
+def _probe_choices() -> str:
+    """Help epilog: the choices of the probe options that only ``--set`` reaches."""
+    fields = ("method", "dtype", "schedule")
+    listed = "; ".join(f"probe.{f}: {' | '.join(_choices(f))}" for f in fields)
+    return f"Probe options with choices (--set probe.KEY=VALUE): {listed}. Every config key: docs/CONFIG.md."
+
+
 def _choices(field: str) -> tuple[str, ...]:
     """The values a ``probe.<field>`` option takes."""
     import typing
@@ -81,10 +92,13 @@ def _choices(field: str) -> tuple[str, ...]:
 
 
 def _add_screen(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("screen", help="screen a zoo of candidates on Ray and select the best one")
-    p.add_argument("config", nargs="?", default=None, help="screening config YAML")
+    text = "screen a zoo of candidates on Ray and select the best one"
+    p = sub.add_parser("screen", help=text, description=text, epilog=_probe_choices())
+    p.add_argument("config", nargs="?", default=None,
+                   help="screening config YAML (default: the built-in demo screening, configs/demo.yaml)")
     p.add_argument("--resume", action="store_true", help="continue a killed run in the same output")
-    p.add_argument("--replay", default=None, help="curves CSV: replay recorded curves instead of fine-tuning")
+    p.add_argument("--replay", default=None, metavar="CSV",
+                   help="curves table: replay recorded curves instead of fine-tuning")
     p.add_argument("--plan", action="store_true",
                    help="print what the run would probe and its worst-case compute, then exit (no Ray, nothing written)")
     _add_sets(p, {"--out": ("storage.path", str, "output folder or URI"),
@@ -131,6 +145,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: completed probes are saved; rerun with --resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of the output left (``| head``): no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor one at exit, when stdout is flushed
+        return BROKEN_PIPE
 
 
 if __name__ == "__main__":

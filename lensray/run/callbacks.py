@@ -1,5 +1,5 @@
 """Tune callbacks of a screening: forecasts in the results, live progress, trackers, the
-placement-group reaper, and a quiet Tune."""
+placement-group reaper, a quiet Tune, and Ray's own output kept out of the terminal."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from ray import tune
 
 from lensray.core.forecast import Forecast, Stop
+from lensray.errors import LensrayInputError, one_line
 from lensray.run.config import TrackingConfig
 
 
@@ -165,8 +166,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m {seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def tracking_callbacks(tracking: TrackingConfig) -> list[tune.Callback]:
-    """Ray's logger callbacks for the trackers of ``tracking``."""
+def tracking_callbacks(tracking: TrackingConfig, run_name: str) -> list[tune.Callback]:
+    """Ray's logger callbacks for the trackers of ``tracking``, each set up here, in the driver
+    before Ray starts: a tracker that cannot log (its package missing, an MLflow store that
+    refuses, no W&B key outside offline mode) is a LensrayInputError naming it. A W&B run's group
+    is ``tracking.wandb.group``, else ``run_name``."""
+    import importlib.util
+
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
     out: list[tune.Callback] = []
@@ -176,15 +182,26 @@ def tracking_callbacks(tracking: TrackingConfig) -> list[tune.Callback]:
         out.append(JsonLoggerCallback())
     if tracking.tensorboard:
         out.append(TBXLoggerCallback())
-    if tracking.mlflow is not None:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
+    for name, settings in (("mlflow", tracking.mlflow), ("wandb", tracking.wandb)):
+        if settings is None:
+            continue
+        if importlib.util.find_spec(name) is None:
+            raise LensrayInputError(f"tracking.{name}: the {name} package is not installed "
+                                    f"(pip install {name}, or lensray[tracking])")
+        if name == "mlflow":
+            from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        out.append(MLflowLoggerCallback(tracking_uri=tracking.mlflow.tracking_uri,
-                                        experiment_name=tracking.mlflow.experiment_name, save_artifact=False))
-    if tracking.wandb is not None:
-        from ray.air.integrations.wandb import WandbLoggerCallback
+            callback: tune.Callback = MLflowLoggerCallback(
+                tracking_uri=settings.tracking_uri, experiment_name=settings.experiment_name, save_artifact=False)
+        else:
+            from ray.air.integrations.wandb import WandbLoggerCallback
 
-        out.append(WandbLoggerCallback(project=tracking.wandb.project, group=tracking.wandb.group))
+            callback = WandbLoggerCallback(project=settings.project, group=settings.group or run_name)
+        try:
+            callback.setup()
+        except Exception as exc:  # noqa: BLE001 - any failure of the tracker's own set-up is the user's to fix
+            raise LensrayInputError(f"tracking.{name}: {one_line(exc, 400)}") from None
+        out.append(callback)
     return out
 
 
@@ -260,6 +277,90 @@ class quiet_tune:
             else:
                 os.environ[key] = value
         self._logger.setLevel(self._level)
+
+
+class ray_output_to:
+    """Context around the driver's ``ray.init``: Ray's own output goes to the log file ``path``,
+    not to the terminal.
+
+    Two routes reach a terminal otherwise. Ray's loggers (``ray`` and its children): ``ray.init``
+    clears the ``ray`` logger's handlers first, so a record of its start-up (the token
+    authentication notice, a ``/dev/shm`` warning) finds no handler and Python's last-resort
+    handler prints it on stderr; inside the context the last resort writes ``ray.*`` records to
+    the file (others still reach stderr), and on exit the file handler is the ``ray`` logger's
+    only one. And the messages the cluster pushes to the driver, which Ray prints on stdout as
+    ``(raylet) ...`` from a thread while connected (a warning that many worker processes
+    started): they go to the file, and those that are not warnings (a node or raylet died) also
+    to stderr, as one line ``ray: ...``. Workers' output is not forwarded (``log_to_driver=False``).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> "ray_output_to":
+        ray_log = logging.getLogger("ray")
+        for handler in list(ray_log.handlers):  # Ray's own prints to the terminal; an earlier run's file
+            ray_log.removeHandler(handler)
+            if getattr(handler, "_lensray", False):
+                handler.close()
+        self.handler = logging.FileHandler(self.path, delay=True)
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+        self.handler._lensray = True  # type: ignore[attr-defined]
+        ray_log.propagate = False
+        self._last_resort = logging.lastResort
+        logging.lastResort = _RayRecordsTo(self.handler, self._last_resort)
+        try:
+            import ray._private.worker as worker
+        except ImportError:  # another Ray layout: its pushed messages print as Ray prints them
+            return self
+        printer = getattr(worker, "print_to_stdstream", None)
+        if callable(printer) and not isinstance(printer, _PushedMessages):
+            worker.print_to_stdstream = _PushedMessages(printer)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        logging.lastResort = self._last_resort
+        ray_log = logging.getLogger("ray")
+        ray_log.handlers.clear()
+        ray_log.addHandler(self.handler)
+        ray_log.propagate = False
+
+
+class _RayRecordsTo(logging.Handler):
+    """Last-resort handler: records of the ``ray`` loggers to ``handler``, others to ``fallback``."""
+
+    def __init__(self, handler: logging.Handler, fallback: Optional[logging.Handler]) -> None:
+        super().__init__(logging.NOTSET)
+        self.target, self.fallback = handler, fallback
+
+    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+        if record.name == "ray" or record.name.startswith("ray."):
+            return bool(self.target.handle(record))
+        if self.fallback is not None and record.levelno >= self.fallback.level:
+            return bool(self.fallback.handle(record))
+        return False
+
+
+class _PushedMessages:
+    """Stands in for ``ray._private.worker.print_to_stdstream`` (how the driver prints what the
+    cluster pushes to it): while the ``ray`` logger has lensray's file handler, each message is
+    logged there, and one that is not a warning is also printed on stderr; otherwise Ray's own."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        self.original = original
+
+    def __call__(self, data: dict, ignore_prefix: bool = False) -> None:
+        ray_log = logging.getLogger("ray")
+        if not any(getattr(h, "_lensray", False) for h in ray_log.handlers):
+            self.original(data, ignore_prefix=ignore_prefix)
+            return
+        for message in data.get("lines", []):
+            text = str(message).rstrip()
+            ray_log.warning("(%s) %s", data.get("pid"), text)
+            if text and not text.lower().startswith("warning"):
+                from lensray.redact import redact
+
+                print(f"ray: {redact(one_line(text, limit=300))} (more in the run's ray.log)", file=sys.stderr)
 
 
 WITHHELD_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")

@@ -116,17 +116,23 @@ class PruningConfig(_Model):
 
 
 class MlflowTracking(_Model):
-    """An MLflow run per candidate (Ray's MLflowLoggerCallback; needs the ``mlflow`` package)."""
+    """An MLflow run per candidate and stage, named by its id (Ray's MLflowLoggerCallback; needs
+    the ``mlflow`` or ``mlflow-skinny`` package, ``lensray[tracking]``); ``tracking.mlflow: {}``
+    turns it on."""
 
-    tracking_uri: str | None = Field(None, description="MLflow server or folder (null: MLflow's default, ./mlruns)")
+    tracking_uri: str | None = Field(None, description="MLflow server (http://...), database (sqlite:///mlflow.db: "
+                                     "the full mlflow package) or folder (file:///...: MLflow 3 needs "
+                                     "MLFLOW_ALLOW_FILE_STORE=true); null: $MLFLOW_TRACKING_URI, else MLflow's default")
     experiment_name: str = Field("lensray", min_length=1, description="MLflow experiment")
 
 
 class WandbTracking(_Model):
-    """A W&B run per candidate (Ray's WandbLoggerCallback; needs ``wandb`` and WANDB_API_KEY in the environment)."""
+    """A W&B run per candidate and stage, named by its id (Ray's WandbLoggerCallback; needs
+    ``wandb``, ``lensray[tracking]``, and WANDB_API_KEY or ``wandb login``, or WANDB_MODE=offline);
+    ``tracking.wandb: {}`` turns it on."""
 
     project: str = Field("lensray", min_length=1, description="W&B project")
-    group: str | None = Field(None, description="W&B group (null: the run name)")
+    group: str | None = Field(None, description="W&B group (null: the config's name)")
 
 
 class TrackingConfig(_Model):

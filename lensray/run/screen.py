@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,8 +24,8 @@ from lensray.core.curves import Curves
 from lensray.core.forecast import Forecast, Forecaster, Stop, zoo_forecaster
 from lensray.errors import LensrayInputError, one_line
 from lensray.run.callbacks import (
-    ForecastMetrics, PlacementGroupReaper, Progress, quiet_tune, remove_orphan_placement_groups, tracking_callbacks,
-    withheld_credentials,
+    ForecastMetrics, PlacementGroupReaper, Progress, quiet_tune, ray_output_to, remove_orphan_placement_groups,
+    tracking_callbacks, withheld_credentials,
 )
 from lensray.run.config import ScreenConfig
 from lensray.run.ranking import candidate_info, full_tuning, rank
@@ -43,24 +45,22 @@ TUNE_MAX_FAILURES = 1
 def _init_ray(config: ScreenConfig, store: ProbeStore) -> bool:
     """Connect to (or start) Ray; returns True when this call started it.
 
-    Ray's own log lines (start-up notices, warnings) go to ``ray.log`` in a local output folder
-    (else Ray's session folder only), not to the user's terminal.
+    Ray's own output (start-up notices, warnings, messages the cluster pushes) goes to ``ray.log``
+    in a local output folder, else to ``lensray-ray-<pid>.log`` in ``$RAY_TMPDIR`` (else the
+    temporary folder), not to the user's terminal (:class:`~lensray.run.callbacks.ray_output_to`).
     """
     import ray
 
     if ray.is_initialized():
         return False
-    ray_log = logging.getLogger("ray")
-    for handler in [h for h in ray_log.handlers if not isinstance(h, logging.FileHandler)]:
-        ray_log.removeHandler(handler)  # Ray's own handler prints to the terminal
-    if "://" not in store.uri and not ray_log.handlers:
-        ray_log.addHandler(logging.FileHandler(store.path("ray.log")))
-    ray_log.propagate = False
+    temp = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    path = store.path("ray.log") if "://" not in store.uri else str(temp / f"lensray-ray-{os.getpid()}.log")
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if config.ray.address:
-        ray.init(address=config.ray.address, **kwargs)
-    else:
-        ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=False, **kwargs)
+    with ray_output_to(path):
+        if config.ray.address:
+            ray.init(address=config.ray.address, **kwargs)
+        else:
+            ray.init(num_cpus=config.ray.num_cpus, num_gpus=config.ray.num_gpus, include_dashboard=False, **kwargs)
     return True
 
 
@@ -128,6 +128,7 @@ def screen(
     store = ProbeStore(out or config.storage.path)
     if not resume and store.get_all():
         raise LensrayInputError(f"storage.path: {store.uri} already holds probe results; pass --resume or use another --out")
+    trackers = [*tracking_callbacks(config.tracking, config.name), *callbacks]  # one that cannot log: before Ray, nothing written
     unavailable = unavailable_sources(config) if backend == "train" else {}
     store.write_text("config.yaml", config.to_yaml())
     for cid, reason in unavailable.items():  # failed before Ray starts; retried by a later --resume
@@ -138,8 +139,7 @@ def screen(
         import ray
 
         gaps = replay_gaps(replay, grid)
-        run = _Run(config, store, grid, backend, replay, gaps, progress, forecaster, tune_loggers,
-                   [*tracking_callbacks(config.tracking), *callbacks], t0)
+        run = _Run(config, store, grid, backend, replay, gaps, progress, forecaster, tune_loggers, trackers, t0)
         plans = make_plan(config, store, grid, gaps)
         stages = scout_stages(config, grid, sum(p.needs_trial for p in plans),
                               max_concurrent(config, backend, ray.cluster_resources()))
@@ -298,6 +298,7 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
             max_concurrent_trials=max_concurrent(config, backend, ray.cluster_resources()),
             reuse_actors=backend == "replay",
             trial_dirname_creator=_trial_dirname,
+            trial_name_creator=_trial_name,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{int(time.time())}",
@@ -316,6 +317,11 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
         cid = (res.config or {}).get("candidate")
         if res.error is not None and cid and (read_decision(store, cid) or {}).get("status") in (None, "retried"):
             write_decision(store, cid, "failed", (res.metrics or {}).get(TIME_ATTR), one_line(res.error, 500))
+
+
+def _trial_name(trial: Any) -> str:
+    """Tune's name of a trial, which trackers give their runs: the candidate's id."""
+    return str(trial.config["candidate"])
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -101,3 +101,44 @@ def test_help_is_plain_text_and_lists_the_choices(argv, capsys):
         assert "auto, cpu, cuda" in out
     if argv[0] == "benchmark":
         assert "ats" in out and "lensray" in out and "rectified" in out
+
+
+def test_screen_keeps_rays_start_up_lines_out_of_the_terminal(tmp_path):
+    """``lensray screen`` (replay, a local Ray) prints only lensray's own lines; Ray's start-up
+    notices (token authentication, the local instance) are in the run's ray.log."""
+    import os
+    import re
+    from pathlib import Path
+
+    from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
+
+    curves = write_curves_csv(synthetic_zoo(3, seed=3), tmp_path / "curves.csv")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"}  # unset: Ray announces token authentication
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    res = subprocess.run([sys.executable, "-m", "lensray", "screen", "--replay", str(curves), "--max-samples", "3200",
+                          "--out", str(out), "--set", "ray.num_cpus=2"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    ours = re.compile(r"^(\[\s*\d+\.\d+s\] |note: |warning: )")
+    assert [line for line in res.stderr.splitlines() if not ours.match(line)] == []
+    assert res.stdout.splitlines()[0].startswith("selected: ")
+    terminal = res.stdout + res.stderr
+    for line in ("Token authentication", "Started a local Ray instance", "(raylet)", "-- "):
+        assert line not in terminal
+    log = (out / "ray.log").read_text()
+    assert "Token authentication is enabled for this Ray cluster" in log and "Started a local Ray instance" in log
+
+
+def test_a_reader_that_left_is_no_traceback():
+    """Output to a pipe whose reader is gone (``lensray screen --plan | head``): exit 141, nothing on stderr."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        res = subprocess.run([sys.executable, "-m", "lensray", "screen", "--plan"], stdout=write, stderr=subprocess.PIPE, text=True,
+                             timeout=120)
+    finally:
+        os.close(write)
+    assert res.returncode == 141 and res.stderr == ""
