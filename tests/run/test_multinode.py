@@ -303,9 +303,9 @@ def test_autoscaler_adds_workers_for_queued_trials_and_removes_them_when_idle(tm
         wall = time.time() - t0
 
         seen = _worker_log(watch_log)
-        first = min(t for t, workers in seen if workers) - t0
         peak = max(len(workers) for _, workers in seen)
         assert peak == fake["max_workers"]  # one worker per queued trial, up to the limit
+        first = min(t for t, workers in seen if workers) - t0
         records = ProbeStore(str(out), check=False).get_all()
         assert sorted((r["candidate"], r["n_samples"]) for r in records) == sorted((c["id"], d) for c in ZOO
                                                                                   for d in GRID)
