@@ -206,6 +206,9 @@ def test_no_credentials_in_any_cluster_or_job_file():
 def test_fake_multinode_config_mirrors_the_aws_node_types():
     fake, aws = _load(FAKE), _load("aws-gpu.yaml")
     assert fake["provider"]["type"] == "fake_multinode"
+    # its nodes share one IP and run no setup: the autoscaler tells them apart by node id, starts no
+    # node updater (SSH) on them
+    assert fake["provider"]["use_node_id_as_ip"] is fake["provider"]["disable_node_updaters"] is True
     head = fake["available_node_types"][fake["head_node_type"]]
     assert head["resources"] == aws["available_node_types"][aws["head_node_type"]]["resources"] == {"CPU": 0}
     workers = {k: v for k, v in fake["available_node_types"].items() if k != fake["head_node_type"]}

@@ -6,6 +6,10 @@ only), storage on a local folder all nodes share.
   raylet and every process it started) in the middle of a candidate's probes. The candidate goes
   on on the other node, no finished probe is repeated, none is lost, and the losses and the
   ranking equal those of the same probes run without Ray.
+- Autoscaling: Ray's own autoscaler on its fake multi-node provider (``cluster/fake-multinode.yaml``,
+  node types mirroring ``cluster/aws-gpu.yaml``: a head with no CPU, workers from zero) adds
+  workers for the queued trials, the screening completes on them, and the idle workers are
+  removed; no placement group or actor is left.
 """
 
 from __future__ import annotations
@@ -236,3 +240,108 @@ def test_worker_node_killed_mid_probe_loses_and_repeats_nothing(cluster, tmp_pat
     for got, want in zip(selection["ranking"], ranking):
         assert got["predicted_loss"] == pytest.approx(want["predicted_loss"], rel=1e-6)
     print(f"\nmulti-node: killed node of {candidate} at {t_kill:.1f} s, run {wall:.1f} s")
+
+
+WATCH = """
+import json, sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+while True:
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
+    print(json.dumps({"t": time.time(), "workers": nodes}), flush=True)
+    time.sleep(0.5)
+"""
+LEFT = """
+import json, sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+groups = [g["state"] for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+actors = [a["Name"] or a["ActorClassName"] for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
+total, free = ray.cluster_resources(), ray.available_resources()
+held = {k: v - free.get(k, 0) for k, v in total.items() if k != "object_store_memory" and free.get(k, 0) != v}
+print(json.dumps({"groups": groups, "actors": actors, "held": held}))
+"""
+
+
+def _worker_log(path: Path) -> list[tuple[float, list[str]]]:
+    """The watcher's lines: (time, alive worker node ids)."""
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    return [(line["t"], line["workers"]) for line in lines]
+
+
+def test_autoscaler_adds_workers_for_queued_trials_and_removes_them_when_idle(tmp_path):
+    temp = tempfile.mkdtemp(prefix="lra", dir="/tmp")
+    env = {**_env(temp), "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    fake = yaml.safe_load((REPO / "cluster" / "fake-multinode.yaml").read_text())
+    fake["provider"]["gcs_address"] = address  # the fake nodes join this head, not 127.0.0.1:6379
+    (Path(temp) / "autoscaling.yaml").write_text(yaml.safe_dump(fake))
+    head = Node(["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0", "--include-dashboard", "false",
+                 "--ray-client-server-port", str(_free_port()), "--temp-dir", temp,
+                 "--autoscaling-config", str(Path(temp) / "autoscaling.yaml"), *_node_ports()], env,
+                Path(temp) / "head.log")
+    watch_log = tmp_path / "watch.log"
+    procs: list[subprocess.Popen] = []
+    try:
+        end = time.monotonic() + 120
+        while "ray.head.default" not in subprocess.run([str(BIN / "ray"), "status", "--address", address],
+                                                       capture_output=True, text=True, env=env).stdout:
+            assert head.proc.poll() is None and time.monotonic() < end, head.log.read_text()[-2000:]
+            time.sleep(1)
+        procs.append(subprocess.Popen([sys.executable, "-c", WATCH, address], stdout=open(watch_log, "w"),
+                                      stderr=subprocess.STDOUT, start_new_session=True, env=env))
+        end = time.monotonic() + 60
+        while not _worker_log(watch_log):
+            assert procs[0].poll() is None and time.monotonic() < end, watch_log.read_text()[-2000:]
+            time.sleep(0.5)
+        assert _worker_log(watch_log)[-1][1] == []  # from zero
+        # the cluster has no CPU yet: trials at once come from the autoscaler's limit
+        config = _config(tmp_path, address, ray={"address": address, "max_concurrent_trials": fake["max_workers"]})
+        out = tmp_path / "out"
+        t0 = time.time()
+        procs.append(_start(config, out, env, tmp_path / "run.log"))
+        assert procs[1].wait(timeout=240) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        wall = time.time() - t0
+
+        seen = _worker_log(watch_log)
+        peak = max(len(workers) for _, workers in seen)
+        assert peak == fake["max_workers"]  # one worker per queued trial, up to the limit
+        first = min(t for t, workers in seen if workers) - t0
+        records = ProbeStore(str(out), check=False).get_all()
+        assert sorted((r["candidate"], r["n_samples"]) for r in records) == sorted((c["id"], d) for c in ZOO
+                                                                                  for d in GRID)
+        added = {w for _, workers in seen for w in workers}
+        assert {r["node_id"] for r in records} <= added and len({r["node_id"] for r in records}) >= 2
+        selection = json.loads((out / "selection.json").read_text())
+        assert [e["status"] for e in selection["ranking"]] == ["finished"] * len(ZOO)
+
+        end = time.monotonic() + 90
+        while _worker_log(watch_log)[-1][1]:
+            assert time.monotonic() < end, "idle workers were not removed"
+            time.sleep(1)
+        gone = _worker_log(watch_log)[-1][0] - t0 - wall
+        left = subprocess.run([sys.executable, "-c", LEFT, address], capture_output=True, text=True, env=env,
+                              timeout=60)
+        # nothing of the run's: no placement group, no actor, no resource held. Ray Train's cluster-wide
+        # AutoscalingCoordinator (a detached, zero-CPU actor every Train run of the cluster shares) stays
+        assert json.loads(left.stdout.strip().splitlines()[-1]) == {
+            "groups": [], "actors": ["AutoscalingCoordinator"], "held": {}}, left.stderr[-2000:]
+        print(f"\nautoscaled: first worker after {first:.1f} s, run {wall:.1f} s, workers gone {gone:.1f} s later")
+    except BaseException:
+        monitor = Path(temp) / "session_latest" / "logs" / "monitor.log"
+        if monitor.is_file():
+            print(monitor.read_text()[-4000:])
+        raise
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+        head.kill()
+        # the fake provider's nodes are the head's autoscaler's processes: any still alive named this temp dir
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if temp in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
