@@ -391,6 +391,20 @@ def _theil_sen_rows(X: np.ndarray, Y: np.ndarray, M: np.ndarray) -> tuple[np.nda
     return slope, icpt
 
 
+def _nanmedian_rows(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, axis=1)`` of a 2-D array, value for value (the mean of the two middle
+    values of the sorted non-NaN ones, or the middle one), without its masked-array machinery."""
+    count = np.sum(~np.isnan(a), axis=1)
+    srt = np.sort(a, axis=1)  # NaN last
+    high = np.maximum(count // 2, 0)
+    low = np.where(count % 2 == 1, high, high - 1)
+    pick = np.stack([np.maximum(low, 0), high], axis=1)
+    pair = np.take_along_axis(srt, np.minimum(pick, a.shape[1] - 1), axis=1)
+    with np.errstate(invalid="ignore"):
+        out = (pair[:, 0] + pair[:, 1]) / 2.0
+    return np.where(count > 0, out, np.nan)
+
+
 MEMBERS = ("recent line", "window line", "rectified law", "zoo steepening")
 """The extrapolators combined by :class:`LensraySelector`, in the order of its ``params`` columns."""
 
@@ -556,7 +570,7 @@ class LensraySelector(Selector):
         finite = np.isfinite(members)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(members, axis=1)
+            centre = _nanmedian_rows(members)
             spread = np.where(finite.sum(axis=1) > 1, np.nanstd(members, axis=1, ddof=1), 0.0)
         return centre, np.where(finite.any(axis=1), spread, np.nan)
 

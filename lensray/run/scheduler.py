@@ -114,6 +114,7 @@ class CurvePruner(FIFOScheduler):
         self._last_size = last_size
         self._prune = prune
         self.stopped: dict[str, Stop] = {}
+        self._first_live = 0  # Tune's trials before it have all ended
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
         """Accept no metric of Tune's: the scheduler reads its own keys, and a failed candidate's
@@ -204,6 +205,20 @@ class CurvePruner(FIFOScheduler):
         if self._on_stop is not None:
             self._on_stop(stop)
         return TrialScheduler.STOP
+
+    def choose_trial_to_run(self, tune_controller: "TuneController") -> Optional[Trial]:
+        """FIFO's choice (the first pending trial, else the first paused one) without rescanning the
+        finished trials at the front of Tune's list on every step (they never run again)."""
+        trials = tune_controller.get_trials()
+        i = self._first_live
+        while i < len(trials) and trials[i].status in (Trial.TERMINATED, Trial.ERROR):
+            i += 1
+        self._first_live = i
+        for status in (Trial.PENDING, Trial.PAUSED):
+            for j in range(i, len(trials)):
+                if trials[j].status == status:
+                    return trials[j]
+        return None
 
     def _at_last_size(self, own: Forecast) -> bool:
         """Whether ``own`` comes from its candidate's last probe (stopping there saves nothing)."""
