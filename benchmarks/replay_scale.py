@@ -7,8 +7,9 @@
 
 ``scale`` replays a synthetic zoo (lensray.core.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
-the report) and prints the wall time, the driver's peak memory and where the driver's time went
-(zoo forecasts of the scheduler vs the rest). ``--tune-loggers`` turns Tune's per-trial
+the report) and prints the wall time, the driver's peak memory, where the driver's time went
+(zoo forecasts of the scheduler vs the rest) and the time per scheduler decision (each
+``CurvePruner.on_trial_result``, forecast included: mean, 99th percentile, largest). ``--tune-loggers`` turns Tune's per-trial
 JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.run.screen) to measure them.
 
 ``tables`` replays both shared tables at the seven budget ratios r (max_samples = D*/r) and
