@@ -7,8 +7,9 @@
 
 ``scale`` replays a synthetic zoo (lensray.core.synthetic_zoo: rectified-law curves with noise) through
 the whole pipeline (local Ray, one Tune trial per candidate, the pruning scheduler, the store,
-the report) and prints the wall time, the driver's peak memory and where the driver's time went
-(zoo forecasts of the scheduler vs the rest). ``--tune-loggers`` turns Tune's per-trial
+the report) and prints the wall time, the driver's peak memory, where the driver's time went
+(zoo forecasts of the scheduler vs the rest) and the time per scheduler decision (each
+``CurvePruner.on_trial_result``, forecast included: mean, 99th percentile, largest). ``--tune-loggers`` turns Tune's per-trial
 JSON/CSV/TensorBoard logger callbacks back on (off by default in lensray.run.screen) to measure them.
 
 ``tables`` replays both shared tables at the seven budget ratios r (max_samples = D*/r) and
@@ -79,6 +80,39 @@ def _replay_config(csv: Path, out: Path, max_samples: int, settings: Path | None
                                          "target_samples": target})
 
 
+class _Timed:
+    """A :class:`lensray.core.forecast.ZooForecaster` that adds its seconds and forecasts to ``spent``."""
+
+    def __init__(self, inner, spent: dict) -> None:
+        self.inner, self.spent = inner, spent
+
+    def _time(self, fn, *args, count: bool = False):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.spent["seconds"] += time.perf_counter() - t0
+            self.spent["calls"] += count
+
+    def update(self, *args):
+        return self._time(self.inner.update, *args)
+
+    def add(self, *args):
+        return self._time(self.inner.add, *args)
+
+    def drop(self, *args):
+        return self._time(self.inner.drop, *args)
+
+    def sync(self, *args):
+        return self._time(self.inner.sync, *args)
+
+    def forecasts(self):
+        return self._time(self.inner.forecasts, count=True)
+
+    def __call__(self, observed):
+        return self._time(self.inner, observed, count=True)
+
+
 def _timed_forecaster():
     """A zoo-forecaster factory for ``screen`` that counts the driver's seconds spent in zoo forecasts."""
     from lensray.core.forecast import zoo_forecaster
@@ -86,19 +120,27 @@ def _timed_forecaster():
     spent = {"seconds": 0.0, "calls": 0}
 
     def factory(*args, **kwargs):
-        run = zoo_forecaster(*args, **kwargs)
-
-        def timed(observed):
-            t0 = time.perf_counter()
-            try:
-                return run(observed)
-            finally:
-                spent["seconds"] += time.perf_counter() - t0
-                spent["calls"] += 1
-
-        return timed
+        return _Timed(zoo_forecaster(*args, **kwargs), spent)
 
     return spent, factory
+
+
+def _timed_decisions():
+    """Times every ``CurvePruner.on_trial_result`` of this process (the scheduler's decisions)."""
+    from lensray.run.scheduler import CurvePruner
+
+    times: list[float] = []
+    decide = CurvePruner.on_trial_result
+
+    def timed(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return decide(self, *args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - t0)
+
+    CurvePruner.on_trial_result = timed
+    return times
 
 
 def scale(args: argparse.Namespace) -> dict:
@@ -107,6 +149,7 @@ def scale(args: argparse.Namespace) -> dict:
     from lensray.core.synthetic_zoo import synthetic_zoo, write_curves_csv
 
     spent, factory = _timed_forecaster()
+    decisions = _timed_decisions()
     with tempfile.TemporaryDirectory() as tmp:
         csv = write_curves_csv(synthetic_zoo(args.n, seed=args.seed), Path(tmp) / "zoo.csv")
         t0 = time.perf_counter()
@@ -124,6 +167,9 @@ def scale(args: argparse.Namespace) -> dict:
         "marginal": args.marginal, "scout": not args.no_scout,
         "wall_seconds": round(wall, 2), "ray_init_seconds": round(t_init, 2),
         "forecast_seconds": round(spent["seconds"], 2), "forecast_calls": spent["calls"],
+        "decisions": len(decisions), "decision_ms_mean": round(1e3 * float(np.mean(decisions or [0])), 3),
+        "decision_ms_p99": round(1e3 * float(np.quantile(decisions or [0], 0.99)), 3),
+        "decision_ms_max": round(1e3 * max(decisions or [0]), 3),
         "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "finished": status.count("finished"), "pruned": status.count("pruned"), "failed": status.count("failed"),
         "saved_fraction": round(sel["compute"]["saved_fraction"], 5),

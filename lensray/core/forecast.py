@@ -7,8 +7,9 @@ other candidates are each confidently better than it at D* (:func:`confidently_b
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 from scipy import stats
@@ -132,8 +133,9 @@ def prune_decision(
     ----------
     own : Forecast
         The candidate under decision.
-    others : iterable of Forecast
-        The latest forecasts of the other candidates (finished ones included).
+    others : iterable of Forecast, or ForecastTable
+        The latest forecasts of the other candidates (finished ones included); a
+        :class:`ForecastTable` is judged in one vectorised pass.
     top_k : int
         How many candidates must survive at the least.
     grace_points : int
@@ -148,6 +150,8 @@ def prune_decision(
         raise ValueError("top_k and grace_points must be >= 1")
     if own.points < grace_points:
         return None
+    if isinstance(others, ForecastTable):
+        return _prune_decision_table(own, others, top_k, grace_points)
     ahead = []
     for rival in others:
         if rival.candidate == own.candidate or rival.points < grace_points:
@@ -157,12 +161,100 @@ def prune_decision(
             ahead.append((rival.loss, note))
     if len(ahead) < top_k:
         return None
-    notes = ", ".join(note for _, note in sorted(ahead)[:top_k])
+    return _reason(own, len(ahead), top_k, ahead)
+
+
+@dataclass
+class ForecastTable(MappingABC):
+    """Forecasts of many candidates as arrays (one entry per candidate, in ``ids`` order); a
+    read-only mapping id -> :class:`Forecast`. :func:`prune_decision` judges a candidate against
+    all of them at once."""
+
+    ids: list[str]
+    n_samples: np.ndarray
+    points: np.ndarray
+    loss: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    common_half: np.ndarray
+    own_half: np.ndarray
+    index: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.index = {cid: i for i, cid in enumerate(self.ids)}
+
+    @classmethod
+    def of(cls, forecasts: Iterable[Forecast]) -> "ForecastTable":
+        """The table of some :class:`Forecast` objects."""
+        fs = list(forecasts)
+        col = lambda name, dtype=float: np.array([getattr(f, name) for f in fs], dtype=dtype)  # noqa: E731
+        return cls([f.candidate for f in fs], col("n_samples", np.int64), col("points", np.int64), col("loss"),
+                   col("lo"), col("hi"), col("common_half"), col("own_half"))
+
+    def take(self, rows: np.ndarray) -> "ForecastTable":
+        """The rows ``rows`` (positions), in that order."""
+        return ForecastTable([self.ids[i] for i in rows], *(getattr(self, a)[rows] for a in _TABLE_ARRAYS))
+
+    def __getitem__(self, cid: str) -> Forecast:
+        i = self.index[cid]
+        return Forecast(cid, int(self.n_samples[i]), int(self.points[i]), float(self.loss[i]), float(self.lo[i]),
+                        float(self.hi[i]), float(self.common_half[i]), float(self.own_half[i]))
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self.index
+
+    def __iter__(self):
+        return iter(self.ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+_TABLE_ARRAYS = ("n_samples", "points", "loss", "lo", "hi", "common_half", "own_half")
+
+
+def _confidently_better_all(own: Forecast, rivals: ForecastTable) -> np.ndarray:
+    """:func:`confidently_better` of every row of ``rivals`` against ``own``, as a boolean array."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        split = (np.isfinite(rivals.common_half) & np.isfinite(rivals.own_half) & np.isfinite(rivals.loss)
+                 & (rivals.loss > 0))
+        better = np.zeros(len(rivals), dtype=bool)
+        if own.has_split:
+            gap = math.log(own.loss) - np.log(np.where(split, rivals.loss, 1.0))
+            half = np.sqrt((own.common_half - rivals.common_half) ** 2 + own.own_half**2 + rivals.own_half**2)
+            better = split & (gap > half)
+            marginal = ~split
+        else:
+            marginal = np.ones(len(rivals), dtype=bool)
+        if math.isfinite(own.optimistic):
+            pessimistic = np.where(np.isfinite(rivals.hi), rivals.hi, np.inf)
+            better |= marginal & np.isfinite(pessimistic) & (own.optimistic > pessimistic)
+    return better
+
+
+def _prune_decision_table(own: Forecast, rivals: ForecastTable, top_k: int, grace_points: int) -> Optional[str]:
+    """:func:`prune_decision` against a :class:`ForecastTable` (the same rule and reason, vectorised)."""
+    eligible = rivals.points >= grace_points
+    i = rivals.index.get(own.candidate)
+    if i is not None:
+        eligible[i] = False
+    ahead = np.flatnonzero(eligible & _confidently_better_all(own, rivals))
+    if ahead.size < top_k:
+        return None
+    loss = rivals.loss[ahead]
+    kth = np.partition(np.where(np.isnan(loss), np.inf, loss), top_k - 1)[top_k - 1]
+    first = ahead[~(loss > kth)]  # the top-k by loss, ties and NaN included: sorted below as the scalar rule does
+    notes = [(float(rivals.loss[j]), confidently_better(rivals[rivals.ids[j]], own)) for j in first]
+    return _reason(own, int(ahead.size), top_k, [n for n in notes if n[1] is not None])
+
+
+def _reason(own: Forecast, ahead: int, top_k: int, notes: list[tuple[float, str]]) -> str:
+    top = ", ".join(note for _, note in sorted(notes)[:top_k])
     return (
         f"at D={own.n_samples} ({own.points} points) its predicted loss at D*, {own.loss:.4g} (optimistic end "
-        f"{own.optimistic:.4g}), was confidently worse than that of {len(ahead)} other candidate(s) (log gap beyond "
+        f"{own.optimistic:.4g}), was confidently worse than that of {ahead} other candidate(s) (log gap beyond "
         f"the half-width of the difference, zoo-common error cancelled; or interval ends apart); top-{top_k} of "
-        f"them: {notes}"
+        f"them: {top}"
     )
 
 
@@ -170,33 +262,104 @@ Forecaster = Callable[[Mapping[str, Mapping[int, float]]], Mapping[str, Forecast
 """Observed losses of every candidate (id -> {D: loss}) -> a forecast per candidate."""
 
 
-def zoo_forecaster(method: str, level: float, grid: list[int], target: int, sizes: Mapping[str, Optional[float]],
-                   families: Mapping[str, Optional[str]], relative: bool = True) -> Forecaster:
+class ZooForecaster:
     """The scheduler's forecaster: every candidate's points so far, fitted together (zoo context).
+
+    Called with the observed losses (id -> {D: loss}) it returns a forecast per candidate (a
+    :data:`Forecaster`). It also keeps those points itself: :meth:`update` and :meth:`drop`
+    record one change, :meth:`forecasts` forecasts the points recorded. With the ``lensray``
+    method that state is a :class:`lensray.core.incremental.LensrayZoo`, which refits only what
+    a new probe changes; other methods refit the zoo's curves on every call. Either way the
+    forecasts are those of the method's ``predict`` on the curves so far.
 
     With ``relative`` and the ``lensray`` method, each forecast also carries the zoo-common and
     own half-widths of its error at ``level``, so :func:`confidently_better` compares two
     candidates on the interval of their difference; else on their marginal intervals.
     """
-    selector = get_selector(method, level)
-    split = relative and method == "lensray"
-    D = np.array(grid, dtype=float)
-    col = {d: j for j, d in enumerate(grid)}
 
-    def run(observed: Mapping[str, Mapping[int, float]]) -> dict[str, Forecast]:
+    def __init__(self, method: str, level: float, grid: Sequence[int], target: int,
+                 sizes: Mapping[str, Optional[float]], families: Mapping[str, Optional[str]],
+                 relative: bool = True) -> None:
+        from lensray.core.incremental import LensrayZoo
+
+        self.selector = get_selector(method, level)
+        self.level, self.grid, self.target = level, list(grid), target
+        self.sizes, self.families = sizes, families
+        self.split = relative and method == "lensray"
+        self._zoo = LensrayZoo(self.selector, self.grid, target) if method == "lensray" else None
+        self._observed: dict[str, dict[int, float]] = {}
+
+    def update(self, candidate: str, D: int, loss: float) -> None:
+        """Record ``candidate``'s loss at size ``D``."""
+        if self._zoo is not None:
+            self._zoo.update(candidate, D, loss)
+        else:
+            self._observed.setdefault(candidate, {})[int(D)] = float(loss)
+
+    def add(self, candidate: str) -> None:
+        """Give ``candidate`` its place in the zoo's order before its first point."""
+        if self._zoo is not None:
+            self._zoo.add(candidate)
+        else:
+            self._observed.setdefault(candidate, {})
+
+    def drop(self, candidate: str) -> None:
+        """Forget ``candidate`` and its points."""
+        if self._zoo is not None:
+            self._zoo.drop(candidate)
+        else:
+            self._observed.pop(candidate, None)
+
+    def sync(self, observed: Mapping[str, Mapping[int, float]]) -> None:
+        """Make the recorded points (and the zoo's order) those of ``observed``."""
+        if self._zoo is not None:
+            self._zoo.sync(observed)
+        else:
+            self._observed = {c: dict(p) for c, p in observed.items()}
+
+    def forecasts(self) -> ForecastTable:
+        """A forecast of every candidate with a point, from the points recorded."""
+        if self._zoo is None:
+            return ForecastTable.of(self._refit(self._observed).values())
+        zf = self._zoo.forecast()
+        common = own = np.full(len(zf.ids), np.nan)
+        if self.split:
+            z = float(stats.norm.ppf(0.5 + self.level / 2))
+            common, own = z * zf.common, z * zf.own
+        return ForecastTable(zf.ids, zf.n_samples, zf.points, zf.loss, zf.lo, zf.hi, common, own)
+
+    def __call__(self, observed: Mapping[str, Mapping[int, float]]) -> Mapping[str, Forecast]:
+        self.sync(observed)
+        return self.forecasts()
+
+    def _refit(self, observed: Mapping[str, Mapping[int, float]]) -> dict[str, Forecast]:
+        """The forecasts of ``selector.predict`` on the curves of ``observed``, refitted from scratch."""
+        grid = self.grid
         ids = [cid for cid, pts in observed.items() if pts]
         if not ids:
             return {}
+        col = {d: j for j, d in enumerate(grid)}
         L = np.full((len(ids), len(grid)), np.nan)
         for i, cid in enumerate(ids):
             for d, loss in observed[cid].items():
                 if d in col:
                     L[i, col[d]] = loss
-        size = np.array([sizes.get(c) or np.nan for c in ids], dtype=float)
-        curves = Curves(ids, D, L, size, [families.get(c) for c in ids])
-        return forecasts_from(curves, selector.predict(curves, target), level, split)
+        size = np.array([self.sizes.get(c) or np.nan for c in ids], dtype=float)
+        curves = Curves(ids, np.array(grid, dtype=float), L, size, [self.families.get(c) for c in ids])
+        return forecasts_from(curves, self.selector.predict(curves, self.target), self.level, self.split)
 
-    return run
+
+def zoo_forecaster(method: str, level: float, grid: list[int], target: int, sizes: Mapping[str, Optional[float]],
+                   families: Mapping[str, Optional[str]], relative: bool = True) -> ZooForecaster:
+    """The scheduler's forecaster (:class:`ZooForecaster`)."""
+    return ZooForecaster(method, level, grid, target, sizes, families, relative)
+
+
+def full_refit_forecaster(method: str, level: float, grid: list[int], target: int,
+                          sizes: Mapping[str, Optional[float]], families: Mapping[str, Optional[str]],
+                          relative: bool = True) -> Forecaster:
+    """A :data:`Forecaster` that refits the whole zoo on every call (the reference of :class:`ZooForecaster`)."""
+    return ZooForecaster(method, level, grid, target, sizes, families, relative)._refit
 
 
 def forecasts_from(curves: Curves, pred: Any, level: float, split: bool = True) -> dict[str, Forecast]:

@@ -391,6 +391,20 @@ def _theil_sen_rows(X: np.ndarray, Y: np.ndarray, M: np.ndarray) -> tuple[np.nda
     return slope, icpt
 
 
+def _nanmedian_rows(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, axis=1)`` of a 2-D array, value for value (the mean of the two middle
+    values of the sorted non-NaN ones, or the middle one), without its masked-array machinery."""
+    count = np.sum(~np.isnan(a), axis=1)
+    srt = np.sort(a, axis=1)  # NaN last
+    high = np.maximum(count // 2, 0)
+    low = np.where(count % 2 == 1, high, high - 1)
+    pick = np.stack([np.maximum(low, 0), high], axis=1)
+    pair = np.take_along_axis(srt, np.minimum(pick, a.shape[1] - 1), axis=1)
+    with np.errstate(invalid="ignore"):
+        out = (pair[:, 0] + pair[:, 1]) / 2.0
+    return np.where(count > 0, out, np.nan)
+
+
 MEMBERS = ("recent line", "window line", "rectified law", "zoo steepening")
 """The extrapolators combined by :class:`LensraySelector`, in the order of its ``params`` columns."""
 
@@ -459,27 +473,47 @@ class LensraySelector(Selector):
         ``y0``: each curve's zero-shot log-loss (NaN when unknown); ``rect``: the rectified
         member when already computed (:meth:`_rectified_memo`).
         """
-        n, k, w = len(x), self.k, self.window
-        count = np.array([xi.size for xi in x])
+        count = np.array([xi.size for xi in x], dtype=np.int64)
+        if not (count >= self.k).any():
+            return np.full((len(x), len(MEMBERS)), np.nan)
+        h = xt - np.array([xi[-1] if xi.size else np.nan for xi in x])  # doublings ahead
+        rect = self._rectified(x, y, y0, xt) if rect is None else rect
+        return self._members_from(self.line_stats(x, y), count, h, rect)
+
+    def line_stats(self, x: list[np.ndarray], y: list[np.ndarray]) -> np.ndarray:
+        """Per curve the fits behind the line members, shape (n, 8): the Theil-Sen slope and
+        intercept of the last ``k`` and of the last ``window`` points, the least-squares slope and
+        intercept of the last ``k`` points and the quadratic's ``x^2`` and ``x`` coefficients over
+        the last ``window`` points (x relative to the curve's last point). Each row depends on its
+        curve's points only, so a curve's row for its first ``p`` points never changes."""
+        k, w = self.k, self.window
+        X, Y, M = _last_points(x, y, w)
+        out = np.full((len(x), 8), np.nan)
+        for col, (lo, hi) in enumerate(((w - k, w), (0, w))):
+            out[:, 2 * col], out[:, 2 * col + 1] = _theil_sen_rows(X[:, lo:hi], Y[:, lo:hi], M[:, lo:hi])
+        out[:, 4], out[:, 5] = _polyfit_rows(X[:, -k:], Y[:, -k:], M[:, -k:], 1).T
+        out[:, 6], out[:, 7] = _polyfit_rows(X, Y, M, 2).T[:2]
+        return out
+
+    def _members_from(self, stats: np.ndarray, count: np.ndarray, h: np.ndarray, rect: np.ndarray) -> np.ndarray:
+        """The members (n, 4) of curves with ``count`` points, their :meth:`line_stats` ``stats``,
+        ``h`` doublings from their last point to the target and the rectified member ``rect``.
+        The zoo steepening's ``rho`` and slope cap are shared by the rows given."""
+        k, w = self.k, self.window
         fitted = count >= k
-        out = np.full((n, len(MEMBERS)), np.nan)
+        out = np.full((count.size, len(MEMBERS)), np.nan)
         if not fitted.any():
             return out
-        X, Y, M = _last_points(x, y, w)
-        h = xt - np.array([xi[-1] if xi.size else np.nan for xi in x])  # doublings ahead
-        for col, (lo, hi) in enumerate(((w - k, w), (0, w))):
-            s, b = _theil_sen_rows(X[:, lo:hi], Y[:, lo:hi], M[:, lo:hi])
-            s = np.minimum(s, 0.0)
-            out[:, col] = np.where(fitted, b + s * h, np.nan)
-        out[:, 2] = self._rectified(x, y, y0, xt) if rect is None else rect
-        a, e = _polyfit_rows(X[:, -k:], Y[:, -k:], M[:, -k:], 1).T
+        for col in (0, 1):
+            s = np.minimum(stats[:, 2 * col], 0.0)
+            out[:, col] = np.where(fitted, stats[:, 2 * col + 1] + s * h, np.nan)
+        out[:, 2] = rect
+        a, e, q2, q1 = stats[:, 4], stats[:, 5], stats[:, 6], stats[:, 7]
         s = np.where(fitted, np.minimum(a, 0.0), np.nan)
-        q2, q1, _ = _polyfit_rows(X, Y, M, 2).T
         curved = fitted & (np.minimum(count, w) >= 4) & (q1 < -1e-3)
         rho = float(np.median(2 * q2[curved] / q1[curved])) if curved.any() else 0.0
         s_cap = float(np.quantile(s[fitted], self.cap_quantile))
-        for i in np.flatnonzero(fitted):
-            out[i, 3] = e[i] + self._slope_sum(s[i], rho, min(s_cap, s[i]), h[i])
+        out[fitted, 3] = e[fitted] + self._slope_sums(s[fitted], rho, np.minimum(s_cap, s[fitted]), h[fitted])
         out[~fitted] = np.nan
         return out
 
@@ -513,13 +547,30 @@ class LensraySelector(Selector):
         weight = np.minimum(1.0, H - (h - 1))  # the last doubling counts pro rata
         return float(np.sum(slope * weight))
 
+    def _slope_sums(self, s: np.ndarray, rho: float, s_cap: np.ndarray, H: np.ndarray) -> np.ndarray:
+        """:meth:`_slope_sum` of every row at once (the same sums, term by term and in the same order)."""
+        out = np.zeros(s.shape)
+        ahead = H > 0
+        if not ahead.any():
+            return out
+        n = np.ceil(H[ahead]).astype(np.int64)
+        h = np.arange(1, int(n.max()) + 1)
+        growth = np.exp(rho * np.cumsum(self.phi**h))
+        terms = np.maximum(s[ahead, None] * growth, s_cap[ahead, None]) * np.minimum(1.0, H[ahead, None] - (h - 1))
+        sums = np.empty(n.size)
+        for length in np.unique(n):  # one reduction per length: numpy sums a row of that length as a 1-D array
+            rows = np.flatnonzero(n == length)
+            sums[rows] = np.sum(terms[rows, :length], axis=1)
+        out[ahead] = sums
+        return out
+
     @staticmethod
     def _combine(members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The median of each row's finite members and their standard deviation (0 for one member)."""
         finite = np.isfinite(members)
         with np.errstate(invalid="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(members, axis=1)
+            centre = _nanmedian_rows(members)
             spread = np.where(finite.sum(axis=1) > 1, np.nanstd(members, axis=1, ddof=1), 0.0)
         return centre, np.where(finite.any(axis=1), spread, np.nan)
 
@@ -603,8 +654,12 @@ class LensraySelector(Selector):
         ``sum_b g_b^2 sum_i u_i^2 / sum_b (n_b - 1)``, and its root is widened for the few
         curves it rests on (:func:`small_sample_factor`). NaN when no backtest is possible.
         """
+        return self._pool(list(self._backtests(x, y, y0, memo)), H)
+
+    def _pool(self, backtests: list[tuple[np.ndarray, float]], H: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pooled split of :meth:`_pooled_split` from the backtests' ``(err, horizon)``."""
         common, own, dof = [], [], 0
-        for err, horizon in self._backtests(x, y, y0, memo):
+        for err, horizon in backtests:
             g = (np.maximum(H, 0.0) / horizon) ** self.gamma
             c, ss, k = self._parts(err)
             common.append(c * g)
@@ -618,16 +673,23 @@ class LensraySelector(Selector):
     def _widen_by_origin(self, x: list[np.ndarray], y: list[np.ndarray], y0: np.ndarray, H: np.ndarray,
                          common: np.ndarray, own: np.ndarray, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The split widened by backtests from each row's own number of points (see the class docstring)."""
-        common, own = common.copy(), own.copy()
+        origins = []
         for p in {xi.size for xi in x if xi.size >= self.k}:
             longer = [j for j in range(len(x)) if x[j].size > p]
-            if len(longer) < 2:
-                continue
-            err, h = self._hidden_errors(x, y, y0, longer, [p] * len(longer), memo)
+            if len(longer) >= 2:
+                origins.append((p, *self._hidden_errors(x, y, y0, longer, [p] * len(longer), memo)))
+        return self._widen(origins, np.array([xi.size for xi in x]), H, common, own)
+
+    def _widen(self, origins: list[tuple[int, np.ndarray, float]], count: np.ndarray, H: np.ndarray,
+               common: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The split of :meth:`_widen_by_origin` from each origin's ``(points, err, horizon)``;
+        ``count``: each row's number of points."""
+        common, own = common.copy(), own.copy()
+        for p, err, h in origins:
             c, ss, dof = self._parts(err)
             if dof < 1:
                 continue
-            rows = np.array([xi.size == p for xi in x])
+            rows = count == p
             g = (np.maximum(H[rows], 0.0) / h) ** self.gamma
             common[rows] = np.fmax(common[rows], c * g)
             own[rows] = np.fmax(own[rows], np.sqrt(ss / dof) * small_sample_factor(dof) * g)

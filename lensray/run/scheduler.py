@@ -6,7 +6,9 @@ import logging
 import pickle
 from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Optional
 
-from lensray.core.forecast import Forecast, Forecaster, Stop, prune_decision
+import numpy as np
+
+from lensray.core.forecast import Forecast, Forecaster, ForecastTable, Stop, prune_decision
 from ray.tune.experiment import Trial
 from ray.tune.schedulers.trial_scheduler import FIFOScheduler, TrialScheduler
 
@@ -51,7 +53,10 @@ class CurvePruner(FIFOScheduler):
     a candidate past the grace reports, refreshes all forecasts from the whole zoo's curves
     (predictors that share strength across candidates, and calibrate their intervals on the
     zoo, need that context; one trial only sees its own curve). Without one it uses the
-    forecasts the trials report.
+    forecasts the trials report. A forecaster with ``update``/``drop``/``sync``/``forecasts``
+    (:class:`lensray.core.forecast.ZooForecaster`) is told each new point instead of being
+    handed every curve, and its forecasts are kept as one :class:`ForecastTable` that each
+    decision reads at once.
 
     No single report ends the run: a forecaster that raises is logged and its previous
     forecasts kept (no candidate is stopped on that report), a failed candidate's report drops
@@ -96,12 +101,20 @@ class CurvePruner(FIFOScheduler):
         self._top_k = top_k
         self._grace = grace_points
         self._forecaster = forecaster
+        self._incremental = all(hasattr(forecaster, a) for a in ("update", "drop", "sync", "forecasts"))
         self._observed: dict[str, dict[int, float]] = {c: dict(p) for c, p in (observed or {}).items()}
-        self._latest: dict[str, Forecast] = {f.candidate: f for f in known}
+        if self._incremental:
+            forecaster.sync(self._observed)
+        # the latest forecast of each candidate: the last zoo forecast's table, except the
+        # candidates in ``_extra`` (forecasts reported, or known, since) and in ``_gone`` (failed)
+        self._table = ForecastTable.of(())
+        self._extra: dict[str, Forecast] = {f.candidate: f for f in known}
+        self._gone: set[str] = set()
         self._on_stop = on_stop
         self._last_size = last_size
         self._prune = prune
         self.stopped: dict[str, Stop] = {}
+        self._first_live = 0  # Tune's trials before it have all ended
 
     def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
         """Accept no metric of Tune's: the scheduler reads its own keys, and a failed candidate's
@@ -109,22 +122,59 @@ class CurvePruner(FIFOScheduler):
         return metric is None and mode in (None, "min")
 
     @property
-    def forecasts(self) -> dict[str, Forecast]:
-        """Latest forecast per candidate."""
-        return dict(self._latest)
+    def forecasts(self) -> Mapping[str, Forecast]:
+        """Latest forecast per candidate (a read-only snapshot)."""
+        return self._rivals()
+
+    def _latest(self, candidate: str) -> Optional[Forecast]:
+        if candidate in self._extra:
+            return self._extra[candidate]
+        if candidate in self._table and candidate not in self._gone:
+            return self._table[candidate]
+        return None
+
+    def _rivals(self) -> ForecastTable:
+        """Every candidate's latest forecast as one table."""
+        if not self._extra and not self._gone:
+            return self._table
+        hidden = {self._table.index[c] for c in (*self._extra, *self._gone) if c in self._table.index}
+        keep = np.array([i for i in range(len(self._table)) if i not in hidden], dtype=np.int64) if hidden else \
+            np.arange(len(self._table))
+        extra = ForecastTable.of(self._extra.values())
+        table = self._table.take(keep)
+        return ForecastTable(table.ids + extra.ids, *(np.concatenate([getattr(table, a), getattr(extra, a)])
+                                                       for a in ("n_samples", "points", "loss", "lo", "hi",
+                                                                 "common_half", "own_half")))
+
+    def _forget(self, candidate: str) -> None:
+        self._extra.pop(candidate, None)
+        self._gone.add(candidate)
+        self._observed.pop(candidate, None)
+        if self._incremental:
+            self._forecaster.drop(candidate)
 
     def _refresh(self, candidate: str) -> Optional[Forecast]:
         """Zoo-context forecasts, when the reporting candidate is past the grace."""
         points = sum(1 for d in self._observed.get(candidate, {}) if d > 0)
         if self._forecaster is None or points < self._grace:
-            return self._latest.get(candidate)
+            return self._latest(candidate)
         try:
-            self._latest.update(self._forecaster(self._observed))
+            if self._incremental:
+                table = self._forecaster.forecasts()
+            else:
+                out = self._forecaster(self._observed)
+                table = out if isinstance(out, ForecastTable) else ForecastTable.of(out.values())
         except Exception as exc:  # noqa: BLE001 - a forecast that cannot be made stops no one
             log.warning("forecast after %s's report failed (%s: %s); nothing is stopped on it",
                         candidate, type(exc).__name__, " ".join(str(exc).split())[:200])
             return None
-        return self._latest.get(candidate)
+        # the new table replaces what it covers; older forecasts of candidates it lacks stay
+        lacking = set(self._table.index).difference(table.index)
+        older = {c: f for c in lacking if (f := self._latest(c)) is not None}
+        self._extra = {**older, **{c: f for c, f in self._extra.items() if c not in table}}
+        self._gone = set()
+        self._table = table
+        return self._latest(candidate)
 
     def on_trial_result(self, tune_controller: "TuneController", trial: Trial, result: dict) -> str:
         cid = str(result.get("candidate"))
@@ -132,18 +182,22 @@ class CurvePruner(FIFOScheduler):
             return TrialScheduler.STOP  # in flight while the stop travelled: already recorded
         if result.get("failed"):
             # a failed candidate is no rival: its forecast must not stop the others
-            self._latest.pop(cid, None)
-            self._observed.pop(cid, None)
+            self._forget(cid)
             return TrialScheduler.CONTINUE
         if TIME_ATTR in result and result.get("loss") is not None:
-            self._observed.setdefault(cid, {})[int(result[TIME_ATTR])] = float(result["loss"])
+            d, loss = int(result[TIME_ATTR]), float(result["loss"])
+            if cid not in self._observed and self._incremental:
+                self._forecaster.add(cid)
+            self._observed.setdefault(cid, {})[d] = loss
+            if self._incremental:
+                self._forecaster.update(cid, d, loss)
         reported = forecast_from_result(result)
         if reported is not None:
-            self._latest[cid] = reported
+            self._extra[cid] = reported
         own = self._refresh(cid)
         if not self._prune or own is None or self._at_last_size(own):
             return TrialScheduler.CONTINUE
-        reason = prune_decision(own, self._latest.values(), self._top_k, self._grace)
+        reason = prune_decision(own, self._rivals(), self._top_k, self._grace)
         if reason is None:
             return TrialScheduler.CONTINUE
         stop = Stop(cid, own.n_samples, reason)
@@ -151,6 +205,20 @@ class CurvePruner(FIFOScheduler):
         if self._on_stop is not None:
             self._on_stop(stop)
         return TrialScheduler.STOP
+
+    def choose_trial_to_run(self, tune_controller: "TuneController") -> Optional[Trial]:
+        """FIFO's choice (the first pending trial, else the first paused one) without rescanning the
+        finished trials at the front of Tune's list on every step (they never run again)."""
+        trials = tune_controller.get_trials()
+        i = self._first_live
+        while i < len(trials) and trials[i].status in (Trial.TERMINATED, Trial.ERROR):
+            i += 1
+        self._first_live = i
+        for status in (Trial.PENDING, Trial.PAUSED):
+            for j in range(i, len(trials)):
+                if trials[j].status == status:
+                    return trials[j]
+        return None
 
     def _at_last_size(self, own: Forecast) -> bool:
         """Whether ``own`` comes from its candidate's last probe (stopping there saves nothing)."""
@@ -160,22 +228,23 @@ class CurvePruner(FIFOScheduler):
         return last is not None and own.n_samples >= last
 
     def on_trial_error(self, tune_controller: "TuneController", trial: Trial) -> None:
-        cid = str(trial.config.get("candidate"))
-        self._latest.pop(cid, None)
-        self._observed.pop(cid, None)
+        self._forget(str(trial.config.get("candidate")))
 
     def debug_string(self) -> str:
         return (
             f"CurvePruner(top_k={self._top_k}, grace_points={self._grace}): "
-            f"{len(self.stopped)} stopped of {len(self._latest)} with forecasts"
+            f"{len(self.stopped)} stopped of {len(self._rivals())} with forecasts"
         )
 
     def save(self, checkpoint_path: str) -> None:
-        state = {"latest": self._latest, "observed": self._observed, "stopped": self.stopped}
+        state = {"latest": dict(self._rivals()), "observed": self._observed, "stopped": self.stopped}
         with open(checkpoint_path, "wb") as fh:
             pickle.dump(state, fh)
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             state = pickle.load(fh)
-        self._latest, self._observed, self.stopped = state["latest"], state["observed"], state["stopped"]
+        self._observed, self.stopped = state["observed"], state["stopped"]
+        self._table, self._extra, self._gone = ForecastTable.of(()), dict(state["latest"]), set()
+        if self._incremental:
+            self._forecaster.sync(self._observed)

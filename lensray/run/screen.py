@@ -257,8 +257,9 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
         col = {int(d): j for j, d in enumerate(replay.D)}
         ctx.replay = {cid: {d: float(replay.L[i, col[d]]) for d in grid} for i, cid in enumerate(replay.ids)}
     runs = [p for p in plans if p.needs_trial and p.candidate.id not in exclude]
+    running = {p.candidate.id for p in runs}
     states = {p.candidate.id: ("failed" if p.candidate.id in exclude else "pruned" if p.decision else "done")
-              for p in plans if p not in runs}
+              for p in plans if p.candidate.id not in running}
     for p in runs:
         previous = read_decision(store, p.candidate.id)
         if previous and previous.get("status") == "failed":
