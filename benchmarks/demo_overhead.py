@@ -9,7 +9,8 @@ first report (``lensray.run.trainables.SETUP_KEYS``):
 
 - actor start: Tune starts the trial (driver clock) -> the trainable is entered (a new or
   reused trial actor, its arguments unpickled);
-- imports: torch and the probe engine imported in the actor (0 in a reused actor);
+- imports: torch, transformers and the probe engine imported in the actor (0 in a reused
+  actor, or where Ray's start of the actor imported them already);
 - load: task encoded and model loaded from the cache;
 - probes: the probes' own ``wall_seconds``;
 - rest: the remainder of the trial (reports, store writes, the end of the trial).
@@ -80,6 +81,7 @@ def sequential(config, pairs: dict[str, list[int]]) -> tuple[float, dict[str, fl
     """The probes ``pairs`` (candidate -> sizes) one after another without Ray; wall and its parts."""
     t0 = time.perf_counter()
     import torch  # noqa: F401 - timed: a plain process pays its imports too
+    import transformers  # noqa: F401
 
     from lensray.engine.data import TaskConfig, load_task
     from lensray.engine.probe import ProbeConfig, ProbeRunner
@@ -101,6 +103,16 @@ def sequential(config, pairs: dict[str, list[int]]) -> tuple[float, dict[str, fl
         for d in sizes:
             parts["probes"] += runner.run(d).wall_seconds
     return time.perf_counter() - t0, parts
+
+
+def fresh_imports() -> float:
+    """Seconds a fresh Python process takes to import torch, transformers and the probe engine."""
+    import subprocess
+    import sys
+
+    code = "import time; t = time.perf_counter(); import torch, transformers, lensray.engine.probe; " \
+           "print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def main() -> None:
@@ -133,6 +145,8 @@ def main() -> None:
     print(f"same probes, one process, no Ray:       {seq_wall:7.1f} s  (imports {seq['imports']:.1f} s, "
           f"load {seq['load']:.1f} s, probes {seq['probes']:.1f} s)")
     print(f"ratio Ray / sequential:                 {ray_wall / seq_wall:7.2f}x")
+    print(f"(this process had imported torch for the build; a fresh process needs {fresh_imports():.1f} s "
+          f"for its imports, counted in neither wall)")
     print("\nper trial (s):  candidate      actor start  imports  load   probes  rest   trial")
     fixed = []
     for t in sorted(clock.trials.values(), key=lambda t: t.started):

@@ -189,7 +189,7 @@ def scout_stages(config: ScreenConfig, grid: list[int], candidates: Optional[int
     early has few rivals with forecasts and cannot be stopped, whatever it costs.
     When all ``candidates`` that still need probes run at once (``concurrent`` trials or more),
     no candidate waits for a slot, so there is no order to choose and no scout stage: it would
-    only start every worker group twice.
+    only load every candidate twice.
     """
     positive = [d for d in grid if d > 0]
     grace = config.pruning.grace_points

@@ -74,7 +74,7 @@ class TrialContext:
 
 SETUP_KEYS = ("t_entered", "t_imported", "t_loaded")
 """Wall-clock marks (``time.time()``) of a trial's fixed cost, in its first report: trainable
-entered (the actor is up), torch and the engine imported, task and model loaded."""
+entered (the actor is up), torch, transformers and the engine imported, task and model loaded."""
 
 
 def trial_resources(cand: dict[str, Any]) -> dict[str, float]:
@@ -142,7 +142,8 @@ def run_probes(ctx: TrialContext, cid: str, rank: int, report: Callable[[dict], 
     """
     marks = {"t_entered": time.time()}
     import ray
-    import torch  # noqa: F401 - imported here so that the mark below times it
+    import torch  # noqa: F401 - imported here so that the mark below times them
+    import transformers  # noqa: F401
 
     from lensray.engine.data import TaskConfig, load_task
     from lensray.engine.parallel import agreed
