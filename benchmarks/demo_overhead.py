@@ -24,7 +24,6 @@ import argparse
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ray import tune
 

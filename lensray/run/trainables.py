@@ -207,19 +207,32 @@ def run_probes(ctx: TrialContext, cid: str, rank: int, report: Callable[[dict], 
         report(metrics)
 
 
+def _release_memory() -> None:
+    """Free the finished candidate's memory: collect its objects, return cached GPU blocks."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def train_trainable(config: dict, ctx: TrialContext) -> None:
     """Tune trainable of the train backend: a one-worker candidate's probes run here, in the trial
     actor; a several-worker candidate's in one TorchTrainer."""
-    import ray.train
-    from ray import tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
     cid = config["candidate"]
     cand = ctx.candidates[cid]
     if cand["workers"] == 1:
+        from ray import tune
+
         run_probes(ctx, cid, 0, tune.report)
+        _release_memory()  # the actor may run the next candidate
         return
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)  # read here and propagated to the controller and workers
     trainer = TorchTrainer(
