@@ -7,13 +7,16 @@ with a local Ray (train backend, the config's pruning); (3) the probes that scre
 It prints both wall times, their ratio, and each trial's fixed cost from the setup marks of its
 first report (``lensray.run.trainables.SETUP_KEYS``):
 
-- actor start: Tune starts the trial (driver clock) -> the trainable is entered (a new or
-  reused trial actor, its arguments unpickled);
+- entry: Tune reports the trial started (driver clock; the trial actor is up by then) -> the
+  trainable is entered (its arguments unpickled);
 - imports: torch, transformers and the probe engine imported in the actor (0 in a reused
   actor, or where Ray's start of the actor imported them already);
 - load: task encoded and model loaded from the cache;
 - probes: the probes' own ``wall_seconds``;
 - rest: the remainder of the trial (reports, store writes, the end of the trial).
+
+Outside the trials: before the first (Ray start, Tune set-up, the first actors' start) and after
+the last (ranking, report).
 
 Usage: python benchmarks/demo_overhead.py [CONFIG] [--out DIR]   (default configs/demo.yaml)
 """
@@ -127,9 +130,10 @@ def main() -> None:
     build = build_models(config)
     out = args.out or tempfile.mkdtemp(prefix="demo-overhead-")
     clock = SetupClock()
-    t0 = time.perf_counter()
+    t0 = time.time()
     selection = screen(config, out=out, progress=False, callbacks=[clock])
-    ray_wall = time.perf_counter() - t0
+    t1 = time.time()
+    ray_wall = t1 - t0
 
     records = [r for r in ProbeStore(out).get_all() if r.get("status") == "ok"]
     pairs: dict[str, list[int]] = {}
@@ -146,27 +150,30 @@ def main() -> None:
     print(f"ratio Ray / sequential:                 {ray_wall / seq_wall:7.2f}x")
     print(f"(this process had imported torch for the build; a fresh process needs {fresh_imports():.1f} s "
           f"for its imports, counted in neither wall)")
-    print("\nper trial (s):  candidate      actor start  imports  load   probes  rest   trial")
+    print("\nper trial (s):  candidate      entry  imports  load   probes  rest   trial")
     fixed = []
     for t in sorted(clock.trials.values(), key=lambda t: t.started):
         if not t.marks:
             print(f"  {t.candidate:<14} (no probe reported)")
             continue
-        actor = t.marks["t_entered"] - t.started
+        entry = t.marks["t_entered"] - t.started
         imports = t.marks["t_imported"] - t.marks["t_entered"]
         load = t.marks["t_loaded"] - t.marks["t_imported"]
         wall = t.ended - t.started
         # the probes this trial ran: the candidate's, when it ran one trial (no scout stage)
         probes = probe_s.get(t.candidate, 0.0) if sum(x.candidate == t.candidate for x in clock.trials.values()) == 1 \
             else float("nan")
-        rest = wall - actor - imports - load - probes
+        rest = wall - entry - imports - load - probes
         if probes == probes:  # known
             fixed.append(wall - probes)
-        print(f"  {t.candidate:<14} {actor:11.1f} {imports:8.1f} {load:5.1f} {probes:8.1f} {rest:6.1f} {wall:7.1f}")
+        print(f"  {t.candidate:<14} {entry:5.1f} {imports:8.1f} {load:5.1f} {probes:8.1f} {rest:6.1f} {wall:7.1f}")
     if fixed:
         print(f"fixed cost per trial (all but the probes): mean {sum(fixed) / len(fixed):.1f} s, max {max(fixed):.1f} s")
-    driver = ray_wall - (max(t.ended for t in clock.trials.values()) - min(t.started for t in clock.trials.values()))
-    print(f"driver outside the trials (Ray start, Tune set-up, ranking, report): {driver:.1f} s")
+    if clock.trials:
+        first = min(t.started for t in clock.trials.values())
+        last = max(t.ended for t in clock.trials.values())
+        print(f"before the first trial (Ray start, Tune set-up, first actors' start): {first - t0:.1f} s; "
+              f"after the last (ranking, report): {t1 - last:.1f} s")
 
 
 if __name__ == "__main__":
