@@ -109,8 +109,8 @@ class PruningConfig(_Model):
     top_k: int = Field(2, ge=1, description="a candidate is kept while it can still reach the top k")
     grace_points: int = Field(3, ge=3, description="probes (D > 0) a candidate runs before it can be stopped")
     scout: bool = Field(True, description="first probe every candidate up to the grace, then continue them best "
-                        "predicted first: each is judged against the whole zoo's early curves (one more worker-group "
-                        "start per candidate)")
+                        "predicted first: each is judged against the whole zoo's early curves (one more trial per "
+                        "candidate, which loads its model again)")
     relative: bool = Field(True, description="judge two candidates on the interval of their difference, where the "
                            "zoo-common error cancels (lensray predictor); false: on their marginal intervals")
 

@@ -33,7 +33,7 @@ from lensray.run.scheduler import TIME_ATTR, CurvePruner
 from lensray.run.store import (
     CandidatePlan, ProbeStore, candidate_key, make_plan, probe_grid, read_decision, replay_gaps, write_decision,
 )
-from lensray.run.trainables import TRIAL_RESOURCES, TrialContext, replay_trainable, train_trainable
+from lensray.run.trainables import TrialContext, replay_trainable, train_trainable, trial_resources
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def scout_stages(config: ScreenConfig, grid: list[int], candidates: Optional[int
     early has few rivals with forecasts and cannot be stopped, whatever it costs.
     When all ``candidates`` that still need probes run at once (``concurrent`` trials or more),
     no candidate waits for a slot, so there is no order to choose and no scout stage: it would
-    only start every worker group twice.
+    only load every candidate twice.
     """
     positive = [d for d in grid if d > 0]
     grace = config.pruning.grace_points
@@ -289,15 +289,16 @@ def _run_trials(run: _Run, plans: list[CandidatePlan], upto: int, exclude: set[s
     if backend == "replay":
         trainable = tune.with_resources(tune.with_parameters(replay_trainable, ctx=ctx), {"cpu": 1})
     else:
-        trainable = tune.with_resources(tune.with_parameters(train_trainable, ctx=ctx),
-                                       tune.PlacementGroupFactory([TRIAL_RESOURCES]))
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trainable, ctx=ctx),
+            lambda spec: tune.PlacementGroupFactory([trial_resources(info[spec["candidate"]])]))
     tuner = tune.Tuner(
         trainable,
         param_space={"candidate": tune.grid_search(todo)},
         tune_config=tune.TuneConfig(
             scheduler=scheduler,
             max_concurrent_trials=max_concurrent(config, backend, ray.cluster_resources()),
-            reuse_actors=backend == "replay",
+            reuse_actors=True,  # a finished trial's actor (imports done) runs the next candidate
             trial_dirname_creator=_trial_dirname,
             trial_name_creator=_trial_name,
         ),

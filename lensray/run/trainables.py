@@ -4,17 +4,22 @@ Each probe result is written to the :class:`~lensray.run.store.ProbeStore` the m
 before it is reported; the trial reports ``n_samples`` and the observed loss, and the scheduler
 (:class:`~lensray.run.scheduler.CurvePruner`) forecasts from the whole zoo's reports.
 
-- ``train``: one ``TorchTrainer`` per candidate (Ray Train V2) whose workers load the candidate
-  once and loop over its remaining probe sizes (:func:`probe_loop`); rank 0 persists each
-  result and ``TuneReportCallback`` forwards each report to Tune. Stopping the trial kills the
-  trial's actor, which owns the Train controller and its workers.
+- ``train``: the trial loads the candidate once and loops over its remaining probe sizes
+  (:func:`run_probes`). A one-worker candidate (the usual case) runs in the trial's own actor,
+  which Tune places with the candidate's CPUs and GPUs (:func:`trial_resources`; Ray sets its
+  ``CUDA_VISIBLE_DEVICES``): no Ray Train controller or worker group is started, and Tune reuses
+  a finished trial's actor for the next candidate, so imports are paid once per slot. A
+  candidate of several workers (DDP/FSDP) runs one ``TorchTrainer`` (Ray Train V2,
+  :func:`probe_loop`); rank 0 persists each result and ``TuneReportCallback`` forwards each
+  report to Tune. Stopping a trial kills its actor (and the Train controller it owns).
 - ``replay``: probes read a recorded curves table instead of fine-tuning and charge
   ``6 * size * tokens_per_sample * D`` FLOPs (size = the table's parameter count).
 
 Failures: a candidate that cannot be loaded, or whose probe diverges or fails after the probe
-engine's own retries, reports ``failed`` with the reason and its decision is stored. Workers
-killed mid-probe are restarted by Ray Train (``FailureConfig(max_failures=...)``); earlier
-probes are read from the store, not repeated. A worker that runs out of memory inside a
+engine's own retries, reports ``failed`` with the reason and its decision is stored. A trial
+actor killed mid-probe (a lost node) is restarted by Tune (``TUNE_MAX_FAILURES``), Train
+workers by Ray Train (``FailureConfig(max_failures=...)``); earlier probes are read from the
+store, not repeated. A worker that runs out of memory inside a
 collective (``lensray.engine.probe.CollectiveOutOfMemory``: the other ranks wait in it) stores
 the smaller settings to use (``hints/``) and raises, so Ray Train restarts the worker group at
 those settings.
@@ -26,7 +31,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from lensray.redact import install_log_redaction
 from lensray.run.scheduler import TIME_ATTR
@@ -39,7 +44,7 @@ TRAIN_MAX_FAILURES = 2
 
 
 TRIAL_RESOURCES = {"memory": 1}
-"""What a train-backend trial itself reserves: it only drives its TorchTrainer, whose workers
+"""What a several-worker trial itself reserves: it only drives its TorchTrainer, whose workers
 hold the real resources. Not a CPU share: a 0.01 CPU trial plus two 1-CPU workers does not fit
 a 2-CPU laptop. (Tune refuses an empty request, hence one byte of memory.)"""
 
@@ -65,6 +70,19 @@ class TrialContext:
     probe: Optional[dict] = None
     max_failures: int = TRAIN_MAX_FAILURES
     train_storage: Optional[str] = None
+
+
+SETUP_KEYS = ("t_entered", "t_imported", "t_loaded")
+"""Wall-clock marks (``time.time()``) of a trial's fixed cost, in its first report: trainable
+entered (the actor is up), torch, transformers and the engine imported, task and model loaded."""
+
+
+def trial_resources(cand: dict[str, Any]) -> dict[str, float]:
+    """The resources of a train-backend trial of ``cand``: a one-worker probe runs in the trial, so the
+    trial holds its CPUs and GPUs; a several-worker trial only drives its Train workers."""
+    if cand["workers"] > 1:
+        return dict(TRIAL_RESOURCES)
+    return {"CPU": float(cand["cpus"]), **({"GPU": float(cand["gpus"])} if cand["gpus"] > 0 else {})}
 
 
 def _report_record(cid: str, record: dict) -> dict[str, Any]:
@@ -111,17 +129,28 @@ def replay_trainable(config: dict, ctx: TrialContext) -> None:
 
 
 def probe_loop(loop_config: dict) -> None:
-    """Ray Train worker loop: load the candidate once, run its remaining probes, report each."""
+    """Ray Train worker loop (several workers): :func:`run_probes` with this worker's rank."""
     import ray.train
+
+    run_probes(loop_config["ctx"], loop_config["candidate"], ray.train.get_context().get_world_rank(), ray.train.report)
+
+
+def run_probes(ctx: TrialContext, cid: str, rank: int, report: Callable[[dict], None]) -> None:
+    """Load the candidate once, run its remaining probes, ``report`` each (rank 0 stores it).
+
+    The first report carries the :data:`SETUP_KEYS` marks.
+    """
+    marks = {"t_entered": time.time()}
+    import ray
+    import torch  # noqa: F401 - imported here so that the mark below times them
+    import transformers  # noqa: F401
 
     from lensray.engine.data import TaskConfig, load_task
     from lensray.engine.parallel import agreed
     from lensray.engine.probe import CollectiveOutOfMemory, ProbeConfig, ProbeRunner
 
     install_log_redaction()  # a worker process: its log lines are redacted too
-    ctx: TrialContext = loop_config["ctx"]
-    cid: str = loop_config["candidate"]
-    rank = ray.train.get_context().get_world_rank()
+    marks["t_imported"] = time.time()
     store = ProbeStore(ctx.store_uri, check=False)
     cand = ctx.candidates[cid]
     # re-read the store: after a worker restart the probes finished before the crash are kept
@@ -131,7 +160,7 @@ def probe_loop(loop_config: dict) -> None:
     if hint is not None and hint.get("settings") is None:  # out of memory even at micro-batch 1
         if rank == 0:
             _record_failure(store, cid, hint["n_samples"], hint["reason"])
-        ray.train.report({"candidate": cid, "failed": True, "error": hint["reason"], TIME_ATTR: hint["n_samples"]})
+        report({"candidate": cid, "failed": True, "error": hint["reason"], TIME_ATTR: hint["n_samples"]})
         return
     runner = ProbeRunner(cand["model"], TaskConfig(**(ctx.task or {})), ProbeConfig(**settings),
                          trust_remote_code=cand["trust_remote_code"], allow_pickle=cand["allow_pickle"],
@@ -144,8 +173,9 @@ def probe_loop(loop_config: dict) -> None:
         reason = f"could not load {what}: {' '.join(str(exc).split()) or type(exc).__name__}"
         if rank == 0:
             _record_failure(store, cid, None, reason)
-        ray.train.report({"candidate": cid, "failed": True, "error": reason})
+        report({"candidate": cid, "failed": True, "error": reason})
         return
+    marks["t_loaded"] = time.time()
     for d in ctx.grid:
         if d in losses:
             continue
@@ -159,7 +189,7 @@ def probe_loop(loop_config: dict) -> None:
             record_collective_oom(store, cid, exc, configured, hint)
             raise
         record = {**result.to_dict(), "n_samples": d, "backend": "train", "started_at": time.time(),
-                  "node_id": ray.get_runtime_context().get_node_id()}
+                  "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         if hint is not None and hint.get("n_samples") == d:  # the attempts before the restart
             record["attempt_log"] = hint["attempt_log"] + record["attempt_log"]
             record["attempts"] = len(record["attempt_log"])
@@ -167,23 +197,42 @@ def probe_loop(loop_config: dict) -> None:
             reason = f"probe at D={d} {result.status}: {result.error}"
             if rank == 0:
                 _record_failure(store, cid, d, reason)
-            ray.train.report({"candidate": cid, "failed": True, "error": reason, TIME_ATTR: d})
+            report({"candidate": cid, "failed": True, "error": reason, TIME_ATTR: d})
             return
         if rank == 0:
             store.put(cid, record)
         losses[d] = float(result.test_loss)
-        metrics = _report_record(cid, record) if rank == 0 else {}
-        ray.train.report(metrics)
+        metrics = {**_report_record(cid, record), **marks} if rank == 0 else {}
+        marks = {}
+        report(metrics)
+
+
+def _release_memory() -> None:
+    """Free the finished candidate's memory: collect its objects, return cached GPU blocks."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def train_trainable(config: dict, ctx: TrialContext) -> None:
-    """Tune trainable of the train backend: one TorchTrainer for all of a candidate's probes."""
+    """Tune trainable of the train backend: a one-worker candidate's probes run here, in the trial
+    actor; a several-worker candidate's in one TorchTrainer."""
+    cid = config["candidate"]
+    cand = ctx.candidates[cid]
+    if cand["workers"] == 1:
+        from ray import tune
+
+        run_probes(ctx, cid, 0, tune.report)
+        _release_memory()  # the actor may run the next candidate
+        return
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cid = config["candidate"]
-    cand = ctx.candidates[cid]
     for key, value in TRAIN_ENV.items():
         os.environ.setdefault(key, value)  # read here and propagated to the controller and workers
     trainer = TorchTrainer(

@@ -1,5 +1,5 @@
 """Injected faults, with pruning on (the default): a driver SIGKILLed mid-run and resumed, a
-candidate that cannot be loaded, a Ray Train worker killed mid-run, probes that diverge or run
+candidate that cannot be loaded, the process running its probes killed mid-run, probes that diverge or run
 out of memory, and every candidate failing. Each screening runs in a subprocess with its own
 local Ray, so that the test can kill it."""
 
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.slow
 TARGET = 1_638_400
 GOOD_MODEL = "tiny:gpt2:n_layer=2,n_embd=64,pretrain=10"
 TASK = {"source": "synthetic", "max_length": 64, "test_size": 64, "validation_size": 16}
+PROBE_PROCESSES = ("ImplicitFunc", "RayTrainWorker")  # a trial actor (one-worker probes), a Train worker
 PROBE = {"learning_rate": 1.0e-3, "epochs": 1, "micro_batch": 16, "device": "cpu", "eval_batch": 64}
 
 
@@ -92,7 +93,7 @@ def faulty_run(tmp_path_factory):
     first = out / "probes" / candidate_key("good") / "200.json"
     _wait_for(first.exists, proc)
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
-               if "RayTrainWorker" in " ".join(p.cmdline())]
+               if any(name in " ".join(p.cmdline()) for name in PROBE_PROCESSES)]
     before = _files(out)
     for worker in workers:
         worker.kill()

@@ -91,7 +91,7 @@ class Node:
 
     def runs_train_worker(self) -> bool:
         try:
-            return any("RayTrainWorker" in " ".join(p.cmdline())
+            return any(name in " ".join(p.cmdline()) for name in ("ImplicitFunc", "RayTrainWorker")
                        for p in psutil.Process(self.proc.pid).children(recursive=True))
         except psutil.Error:
             return False
