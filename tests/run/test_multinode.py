@@ -322,9 +322,11 @@ def test_autoscaler_adds_workers_for_queued_trials_and_removes_them_when_idle(tm
         left = subprocess.run([sys.executable, "-c", LEFT, address], capture_output=True, text=True, env=env,
                               timeout=60)
         # nothing of the run's: no placement group, no actor, no resource held. Ray Train's cluster-wide
-        # AutoscalingCoordinator (a detached, zero-CPU actor every Train run of the cluster shares) stays
-        assert json.loads(left.stdout.strip().splitlines()[-1]) == {
-            "groups": [], "actors": ["AutoscalingCoordinator"], "held": {}}, left.stderr[-2000:]
+        # AutoscalingCoordinator (a detached, zero-CPU actor every Train run of the cluster shares) may
+        # stay; one-worker candidates start no Ray Train run, so it is usually absent
+        state = json.loads(left.stdout.strip().splitlines()[-1])
+        assert state["groups"] == [] and state["held"] == {}, (state, left.stderr[-2000:])
+        assert set(state["actors"]) <= {"AutoscalingCoordinator"}, (state, left.stderr[-2000:])
         print(f"\nautoscaled: first worker after {first:.1f} s, run {wall:.1f} s, workers gone {gone:.1f} s later")
     except BaseException:
         monitor = Path(temp) / "session_latest" / "logs" / "monitor.log"
