@@ -24,7 +24,7 @@ def test_csv_tracker_and_a_callback_get_every_probe_with_its_forecast(tmp_path, 
     zoo = synthetic_zoo(4, seed=5)
     config = load_config(None, {"zoo": [{"id": c, "model": c, "size": float(s)} for c, s in zip(zoo.ids, zoo.size)],
                                 "grid": {"start": 200, "max_samples": 3200}, "tracking": {"csv": True},
-                                "ray": {"num_cpus": 2}, "pruning": {"scout": False}}, check_task=False)
+                                "ray": {"num_cpus": 2}, "pruning": {"enabled": False}}, check_task=False)
     RESULTS.clear()
     selection = screen(config, out=str(tmp_path / "out"), backend="replay", replay=zoo, callbacks=[Collect()])
     assert selection["selected"] in zoo.ids
@@ -44,11 +44,12 @@ FORECAST_KEYS = ("n_samples", "loss", "flops", "predicted_loss", "pred_lo", "pre
 
 
 def _tiny_run(tmp_path, tracking: dict, n: int = 3):
-    """A replay screening of ``n`` synthetic candidates at D = 0, 200, ..., 3200 with ``tracking``."""
+    """A replay screening of ``n`` synthetic candidates at D = 0, 200, ..., 3200 with ``tracking``; pruning
+    off, so every candidate reports every probe whatever the order of the reports."""
     zoo = synthetic_zoo(n, seed=7)
     config = load_config(None, {"name": "tracked", "zoo": [{"id": c, "model": c, "size": float(s)} for c, s in zip(zoo.ids, zoo.size)],
                                 "grid": {"start": 200, "max_samples": 3200}, "tracking": tracking,
-                                "ray": {"num_cpus": 2}, "pruning": {"scout": False}}, check_task=False)
+                                "ray": {"num_cpus": 2}, "pruning": {"enabled": False}}, check_task=False)
     selection = screen(config, out=str(tmp_path / "out"), backend="replay", replay=zoo, progress=False)
     return zoo, selection
 
