@@ -151,7 +151,7 @@ def test_s3_fine_tuning_screening_writes_probes_and_ray_state_to_the_bucket(s3, 
         "storage": {"path": _uri(endpoint, "train")},
         "grid": {"start": 200, "factor": 2, "max_samples": 800, "zero_shot": True},
         "zoo": [{"id": "a", "model": "tiny:gpt2:n_layer=2,n_embd=64,pretrain=10"},
-                {"id": "b", "model": "tiny:llama:n_layer=2,n_embd=64,pretrain=10"}],
+                {"id": "b", "model": "tiny:llama:n_layer=2,n_embd=64,pretrain=10", "workers": 2, "cpus": 1}],
         "task": {"source": "synthetic", "max_length": 64, "test_size": 64, "validation_size": 16},
         "probe": {"learning_rate": 1.0e-3, "epochs": 1, "micro_batch": 16, "device": "cpu", "eval_batch": 64},
     }
@@ -165,7 +165,8 @@ def test_s3_fine_tuning_screening_writes_probes_and_ray_state_to_the_bucket(s3, 
     rows = table.to_pylist()
     assert sorted((r["candidate"], r["n_samples"]) for r in rows) == [(c, n) for c in "ab" for n in (0, 200, 400, 800)]
     assert all(r["backend"] == "train" and r["test_loss"] > 0 for r in rows)
-    # Tune and Ray Train keep their state in the same bucket, not on the driver's disk
+    # Tune (every trial) and Ray Train (the two-worker candidate b) keep their state in the same bucket,
+    # not on the driver's disk
     for name in ("tune", "train"):
         assert fs.get_file_info(pafs.FileSelector(f"{BUCKET}/train/{name}", recursive=True)), name
     _assert_no_secret(env, [tmp_path / "out.log"], fs, "train")
