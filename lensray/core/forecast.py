@@ -195,6 +195,11 @@ class ForecastTable(MappingABC):
         """The rows ``rows`` (positions), in that order."""
         return ForecastTable([self.ids[i] for i in rows], *(getattr(self, a)[rows] for a in _TABLE_ARRAYS))
 
+    def concat(self, other: "ForecastTable") -> "ForecastTable":
+        """This table's rows, then ``other``'s."""
+        return ForecastTable(self.ids + other.ids, *(np.concatenate([getattr(self, a), getattr(other, a)])
+                                                     for a in _TABLE_ARRAYS))
+
     def __getitem__(self, cid: str) -> Forecast:
         i = self.index[cid]
         return Forecast(cid, int(self.n_samples[i]), int(self.points[i]), float(self.loss[i]), float(self.lo[i]),

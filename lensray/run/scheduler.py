@@ -140,11 +140,7 @@ class CurvePruner(FIFOScheduler):
         hidden = {self._table.index[c] for c in (*self._extra, *self._gone) if c in self._table.index}
         keep = np.array([i for i in range(len(self._table)) if i not in hidden], dtype=np.int64) if hidden else \
             np.arange(len(self._table))
-        extra = ForecastTable.of(self._extra.values())
-        table = self._table.take(keep)
-        return ForecastTable(table.ids + extra.ids, *(np.concatenate([getattr(table, a), getattr(extra, a)])
-                                                       for a in ("n_samples", "points", "loss", "lo", "hi",
-                                                                 "common_half", "own_half")))
+        return self._table.take(keep).concat(ForecastTable.of(self._extra.values()))
 
     def _forget(self, candidate: str) -> None:
         self._extra.pop(candidate, None)
